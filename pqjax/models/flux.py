@@ -154,3 +154,162 @@ def init_params(config: FluxConfig, key: jax.Array, dtype=jnp.float32, std: floa
         else:
             out.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
     return jax.tree.unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward pass (diffusers FluxTransformer2DModel.forward(..., return_dict=False)[0])
+# ----------------------------------------------------------------------------------------------
+
+from pqjax.models.layers import (Tap, apply_rope, attention, dense, gelu_tanh, layer_norm,  # noqa: E402
+                                 rms_norm, rope_tables, timestep_embedding)
+
+
+def _read_permuted(p_norm: dict | None, xn: jax.Array) -> jax.Array:
+    """Read a normalized activation in a site's permuted channel order (PermuQuant P1/P3, absorbed into the norm).
+
+    LayerNorm statistics are order-free, so gathering after the norm equals permuting the residual stream; XLA fuses
+    the gather into the norm. Absent ``perm`` means identity.
+    """
+    if p_norm is None or "perm" not in p_norm:
+        return xn
+    return jnp.take(xn, p_norm["perm"], axis=-1)
+
+
+def _modulated(p_norm: dict | None, x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    xn = _read_permuted(p_norm, layer_norm(x))
+    return xn * (1 + scale[:, None]) + shift[:, None]
+
+
+def _heads(x: jax.Array, head_dim: int) -> jax.Array:
+    return x.reshape(*x.shape[:-1], -1, head_dim)
+
+
+def _embed_time_text(config: FluxConfig, p: Params, timestep, guidance, pooled, dtype, tap: Tap) -> jax.Array:
+    def mlp(pp, x, name):
+        h = jax.nn.silu(dense(pp["linear_1"], x, f"{name}.linear_1", tap))
+        return dense(pp["linear_2"], h, f"{name}.linear_2", tap)
+
+    temb = mlp(p["timestep_embedder"], timestep_embedding(timestep).astype(dtype), "time_text_embed.timestep_embedder")
+    if config.guidance_embeds:
+        if guidance is None:
+            raise ValueError("FluxConfig.guidance_embeds=True (FLUX.1-dev-like model): `guidance` is required")
+        temb = temb + mlp(p["guidance_embedder"], timestep_embedding(guidance).astype(dtype),
+                          "time_text_embed.guidance_embedder")
+    return temb + mlp(p["text_embedder"], pooled, "time_text_embed.text_embedder")
+
+
+def _double_block(config: FluxConfig, p: Params, x, ctx, temb_act, rope, name: str, tap: Tap):
+    hd = config.attention_head_dim
+    n = name
+    mod = jnp.split(dense(p["norm1"]["linear"], temb_act, f"{n}.norm1.linear", tap), 6, axis=-1)
+    cmod = jnp.split(dense(p["norm1_context"]["linear"], temb_act, f"{n}.norm1_context.linear", tap), 6, axis=-1)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+    c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cmod
+
+    a = p["attn"]
+    xn = _modulated(p["norm1"], x, shift_msa, scale_msa)
+    cn = _modulated(p["norm1_context"], ctx, c_shift_msa, c_scale_msa)
+    q = rms_norm(a["norm_q"], _heads(dense(a["to_q"], xn, f"{n}.attn.to_q", tap), hd))
+    k = rms_norm(a["norm_k"], _heads(dense(a["to_k"], xn, f"{n}.attn.to_k", tap), hd))
+    v = _heads(dense(a["to_v"], xn, f"{n}.attn.to_v", tap), hd)
+    cq = rms_norm(a["norm_added_q"], _heads(dense(a["add_q_proj"], cn, f"{n}.attn.add_q_proj", tap), hd))
+    ck = rms_norm(a["norm_added_k"], _heads(dense(a["add_k_proj"], cn, f"{n}.attn.add_k_proj", tap), hd))
+    cv = _heads(dense(a["add_v_proj"], cn, f"{n}.attn.add_v_proj", tap), hd)
+    cos, sin = rope
+    q = apply_rope(jnp.concatenate([cq, q], axis=1), cos, sin)
+    k = apply_rope(jnp.concatenate([ck, k], axis=1), cos, sin)
+    o = attention(q, k, jnp.concatenate([cv, v], axis=1))
+    o = o.reshape(*o.shape[:2], -1)
+    n_txt = ctx.shape[1]
+    c_attn = dense(a["to_add_out"], o[:, :n_txt], f"{n}.attn.to_add_out", tap)
+    x_attn = dense(a["to_out"]["0"], o[:, n_txt:], f"{n}.attn.to_out.0", tap)
+
+    x = x + gate_msa[:, None] * x_attn
+    xn = _modulated(p.get("norm2"), x, shift_mlp, scale_mlp)
+    h = gelu_tanh(dense(p["ff"]["net"]["0"]["proj"], xn, f"{n}.ff.net.0.proj", tap))
+    x = x + gate_mlp[:, None] * dense(p["ff"]["net"]["2"], h, f"{n}.ff.net.2", tap)
+
+    ctx = ctx + c_gate_msa[:, None] * c_attn
+    cn = _modulated(p.get("norm2_context"), ctx, c_shift_mlp, c_scale_mlp)
+    h = gelu_tanh(dense(p["ff_context"]["net"]["0"]["proj"], cn, f"{n}.ff_context.net.0.proj", tap))
+    ctx = ctx + c_gate_mlp[:, None] * dense(p["ff_context"]["net"]["2"], h, f"{n}.ff_context.net.2", tap)
+    return x, ctx
+
+
+def _single_block(config: FluxConfig, p: Params, xs, temb_act, rope, name: str, tap: Tap):
+    hd, n = config.attention_head_dim, name
+    shift, scale, gate = jnp.split(dense(p["norm"]["linear"], temb_act, f"{n}.norm.linear", tap), 3, axis=-1)
+    xn = _modulated(p["norm"], xs, shift, scale)
+    mlp = gelu_tanh(dense(p["proj_mlp"], xn, f"{n}.proj_mlp", tap))
+    a = p["attn"]
+    q = rms_norm(a["norm_q"], _heads(dense(a["to_q"], xn, f"{n}.attn.to_q", tap), hd))
+    k = rms_norm(a["norm_k"], _heads(dense(a["to_k"], xn, f"{n}.attn.to_k", tap), hd))
+    v = _heads(dense(a["to_v"], xn, f"{n}.attn.to_v", tap), hd)
+    cos, sin = rope
+    o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+    o = o.reshape(*o.shape[:2], -1)
+    out = dense(p["proj_out"], jnp.concatenate([o, mlp], axis=-1), f"{n}.proj_out", tap)
+    return xs + gate[:, None] * out
+
+
+def forward(config: FluxConfig, params: Params, *, hidden_states, encoder_hidden_states, pooled_projections,
+            timestep, img_ids, txt_ids, guidance=None, tap: Tap = None) -> jax.Array:
+    """The FLUX transformer: same arguments, conventions and result as diffusers'
+    ``FluxTransformer2DModel.forward(..., return_dict=False)[0]``.
+
+    hidden_states [B, N_img, in_channels]; encoder_hidden_states [B, N_txt, joint_attention_dim];
+    pooled_projections [B, pooled_projection_dim]; timestep / guidance [B] in sigma units (scaled by 1000 inside);
+    img_ids [N_img, 3], txt_ids [N_txt, 3]. The computation dtype is ``hidden_states.dtype``. Works with float params
+    and with the quantized params of ``pqjax.quantize`` (same call). ``tap(name, x)``, if given, sees the input of every
+    linear (used by calibration).
+    """
+    c = config
+    x = jnp.asarray(hidden_states)
+    dtype = x.dtype
+    B = x.shape[0]
+    _check_inputs(c, x, encoder_hidden_states, pooled_projections, img_ids, txt_ids)
+    if img_ids.ndim == 3:  # diffusers accepts (deprecated) batched ids and uses the first
+        img_ids = img_ids[0]
+    if txt_ids.ndim == 3:
+        txt_ids = txt_ids[0]
+
+    x = dense(params["x_embedder"], x, "x_embedder", tap)
+    timestep = jnp.broadcast_to(jnp.asarray(timestep, dtype), (B,)) * 1000
+    if guidance is not None:
+        guidance = jnp.broadcast_to(jnp.asarray(guidance, dtype), (B,)) * 1000
+    temb = _embed_time_text(c, params["time_text_embed"], timestep, guidance if c.guidance_embeds else None,
+                            jnp.asarray(pooled_projections, dtype), dtype, tap)
+    ctx = dense(params["context_embedder"], jnp.asarray(encoder_hidden_states, dtype), "context_embedder", tap)
+    rope = rope_tables(jnp.concatenate([txt_ids, img_ids], axis=0), c.axes_dims_rope)
+    temb_act = jax.nn.silu(temb)  # every modulation linear reads SiLU(temb): one shared site
+
+    for i in range(c.num_layers):
+        x, ctx = _double_block(c, params["transformer_blocks"][str(i)], x, ctx, temb_act, rope,
+                               f"transformer_blocks.{i}", tap)
+    n_txt = ctx.shape[1]
+    xs = jnp.concatenate([ctx, x], axis=1)
+    for i in range(c.num_single_layers):
+        xs = _single_block(c, params["single_transformer_blocks"][str(i)], xs, temb_act, rope,
+                           f"single_transformer_blocks.{i}", tap)
+    x = xs[:, n_txt:]
+
+    scale, shift = jnp.split(dense(params["norm_out"]["linear"], temb_act, "norm_out.linear", tap), 2, axis=-1)
+    x = layer_norm(x) * (1 + scale[:, None]) + shift[:, None]
+    return dense(params["proj_out"], x, "proj_out", tap)
+
+
+def _check_inputs(c: FluxConfig, x, ctx, pooled, img_ids, txt_ids) -> None:
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(f"flux.forward: {msg}")
+
+    need(x.ndim == 3 and x.shape[-1] == c.in_channels * c.patch_size ** 2,
+         f"hidden_states must be [B, N_img, {c.in_channels * c.patch_size ** 2}], got {tuple(x.shape)}")
+    need(ctx.ndim == 3 and ctx.shape[0] == x.shape[0] and ctx.shape[-1] == c.joint_attention_dim,
+         f"encoder_hidden_states must be [{x.shape[0]}, N_txt, {c.joint_attention_dim}], got {tuple(ctx.shape)}")
+    need(pooled.ndim == 2 and pooled.shape == (x.shape[0], c.pooled_projection_dim),
+         f"pooled_projections must be [{x.shape[0]}, {c.pooled_projection_dim}], got {tuple(pooled.shape)}")
+    need(img_ids.shape[-2:] == (x.shape[1], len(c.axes_dims_rope)),
+         f"img_ids must be [{x.shape[1]}, {len(c.axes_dims_rope)}], got {tuple(img_ids.shape)}")
+    need(txt_ids.shape[-2:] == (ctx.shape[1], len(c.axes_dims_rope)),
+         f"txt_ids must be [{ctx.shape[1]}, {len(c.axes_dims_rope)}], got {tuple(txt_ids.shape)}")
