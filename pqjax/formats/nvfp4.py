@@ -1,0 +1,134 @@
+"""NVFP4: e2m1 values in blocks of 16 with an e4m3 scale per block and one fp32 global scale.
+
+The arithmetic is JAX's own quantizer (``jax._src.cudnn.scaled_matmul_stablehlo.quantize``, mode
+"nvfp4"), ``x' = x / global; s = e4m3(clip(blockamax(x') / 6, 0, 448)); q = e2m1(clip(x' / s))``,
+written out the way XLA actually executes it.  XLA's algebraic simplifier turns ``A / const`` and
+``A / broadcast(B)`` into ``A * (1 / B)``, so every division by a scale is a multiplication by the
+IEEE f32 reciprocal.  We write those reciprocals explicitly, so the result no longer depends on
+what a compiler does (jit, vmap, fusion) and a GPU kernel can copy it (``r = 1 / s`` must be an
+IEEE round-to-nearest division, e.g. ``div_rn`` in Triton), all in float32::
+
+    global = amax(|x|) * f32(1 / 2688)                  2688 = 6 * 448; unless given
+    x'     = x * (1 / global)                           blocks of 16 along the last axis
+    s      = e4m3(clip(blockamax(|x'|) * f32(1 / 6), 0, 448))   RNE; clip first (no e4m3 saturation)
+    q      = e2m1(clip(x' * (1 / f32(s)), -6, 6))       RNE
+    x      ~ (q * s) * global
+
+Codes and scales are bit-identical to JAX's for finite input, with these documented exceptions:
+
+* Blocks whose e4m3 scale is 0 (all-zero blocks, or blocks so small relative to ``global`` that
+  their scale underflows e4m3) get codes 0 and dequantize to exact +0.  (JAX divides by the zero
+  scale there and produces NaN -> -0 codes or +-6 codes; either way the information is nil.)
+* An all-zero tensor gets ``global = 1`` instead of 0 (JAX would divide by zero).
+* Non-finite input: any block holding a NaN or +-Inf gets a NaN scale (e4m3fn 0x7F) and codes 0x8
+  (-0, what XLA's f32->e2m1 convert gives NaN), so the whole block dequantizes to NaN, never to
+  a finite number.  The automatic global scale is the amax over the *finite* entries only, so one
+  bad value does not poison the other blocks.  (JAX clips Inf blocks to 448 * 6 instead.)
+* Huge finite values never become NaN: the block scale is clipped to 448 before the e4m3 cast and
+  ``x' / s`` to +-6 before the e2m1 encode.
+
+Everything here is plain jnp with integer bit arithmetic for the e2m1 encode/decode (no float4
+dtypes, no bitcasts to sub-byte types), so a Pallas/Triton kernel can copy it.
+
+e2m1 code layout (4 bits): bit 3 sign, bits 2..1 exponent (bias 1), bit 0 mantissa::
+
+    code & 7 : 0    1    2    3    4    5    6    7
+    |value|  : 0   0.5   1   1.5   2    3    4    6
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = [
+    "E2M1_MAX", "E4M3_MAX", "NVFP4_BLOCK", "e2m1_encode", "e2m1_decode",
+    "nvfp4_global_scale", "nvfp4_block_quant", "nvfp4_block_dequant",
+]
+
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+NVFP4_BLOCK = 16
+_INV_6 = np.float32(1) / np.float32(E2M1_MAX)                 # = f32(1/6), what XLA folds "/ 6" into
+_INV_2688 = np.float32(1) / np.float32(E2M1_MAX * E4M3_MAX)   # = f32(1/2688)
+
+# RNE decision points on |x| for e2m1: (threshold, tie goes up?).  A tie rounds to the even code.
+_E2M1_STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True),
+               (2.5, False), (3.5, True), (5.0, False))
+
+
+def e2m1_encode(x):
+    """float -> uint8 e2m1 codes (low 4 bits): round-to-nearest-even, saturating at +-6.
+
+    Bit-identical to XLA's f32 -> float4_e2m1fn convert, including -0 -> 0x8 and NaN -> 0x8.
+    """
+    x = jnp.asarray(x).astype(jnp.float32)
+    a = jnp.abs(x)
+    mag = jnp.zeros(x.shape, jnp.uint8)
+    for t, up in _E2M1_STEPS:
+        mag = mag + ((a >= t) if up else (a > t)).astype(jnp.uint8)
+    sign = (lax.bitcast_convert_type(x, jnp.uint32) >> jnp.uint32(31)).astype(jnp.uint8)
+    sign = sign | jnp.isnan(x).astype(jnp.uint8)
+    return (sign << jnp.uint8(3)) | mag
+
+
+def e2m1_decode(codes):
+    """uint8 e2m1 codes (low 4 bits) -> float32, by building the f32 bit pattern."""
+    c = jnp.asarray(codes).astype(jnp.uint32) & jnp.uint32(0xF)
+    e = (c >> jnp.uint32(1)) & jnp.uint32(3)
+    m = c & jnp.uint32(1)
+    normal = ((e + jnp.uint32(126)) << jnp.uint32(23)) | (m << jnp.uint32(22))
+    subnormal = m * jnp.uint32(0x3F000000)  # 0.5 or +0
+    bits = jnp.where(e == 0, subnormal, normal) | ((c >> jnp.uint32(3)) << jnp.uint32(31))
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def nvfp4_global_scale(x):
+    """fp32 scalar ``amax(|x|) * f32(1 / 2688)`` over the finite entries of ``x``; 1.0 if that is 0.
+
+    (``amax / 2688`` as XLA compiles it: within one f32 ulp of the true quotient.)
+    """
+    a = jnp.abs(jnp.asarray(x).astype(jnp.float32))
+    amax = jnp.max(jnp.where(jnp.isfinite(a), a, 0.0), initial=0.0)
+    g = amax * _INV_2688
+    return jnp.where(g > 0, g, jnp.float32(1.0)).astype(jnp.float32)
+
+
+def nvfp4_block_quant(x, global_scale=None):
+    """Quantize along the LAST axis in blocks of 16.
+
+    Returns ``(codes, scales)``: uint8 e2m1 codes ``[..., K]`` (unpacked, one per byte) and
+    float8_e4m3fn scales ``[..., K // 16]``.  ``global_scale`` (fp32 scalar) defaults to
+    :func:`nvfp4_global_scale` of ``x``.
+    """
+    x = jnp.asarray(x)
+    k = x.shape[-1]
+    if k % NVFP4_BLOCK:
+        raise ValueError(f"nvfp4_block_quant: last axis of shape {tuple(x.shape)} is not a multiple of 16")
+    g = nvfp4_global_scale(x) if global_scale is None else jnp.asarray(global_scale, jnp.float32)
+    xb = x.reshape(*x.shape[:-1], k // NVFP4_BLOCK, NVFP4_BLOCK)
+    xs = xb.astype(jnp.float32) * (jnp.float32(1) / g)
+    bamax = jnp.max(jnp.abs(xs), axis=-1, keepdims=True)
+    s = jnp.clip(bamax * _INV_6, 0.0, jnp.float32(E4M3_MAX))
+    s = lax.optimization_barrier(s.astype(jnp.float8_e4m3fn))
+    finite = jnp.all(jnp.isfinite(xb), axis=-1, keepdims=True)
+    s = jnp.where(finite, s, jnp.array(jnp.nan, jnp.float8_e4m3fn))
+    sf = s.astype(jnp.float32)
+    q = jnp.clip(xs * (jnp.float32(1) / sf), -E2M1_MAX, E2M1_MAX)
+    codes = jnp.where(sf == 0, jnp.uint8(0), e2m1_encode(q))
+    return codes.reshape(x.shape), s[..., 0]
+
+
+def nvfp4_block_dequant(codes, scales, global_scale, dtype=jnp.float32):
+    """Inverse of :func:`nvfp4_block_quant`: ``(e2m1(codes) * scale) * global`` in f32, then cast.
+
+    ``codes`` uint8 ``[..., K]`` (unpacked), ``scales`` ``[..., K // 16]``; ``global_scale`` must
+    broadcast against ``[..., 1, 1]`` (a scalar, or one value per leading index).
+    """
+    codes = jnp.asarray(codes)
+    k = codes.shape[-1]
+    q = e2m1_decode(codes).reshape(*codes.shape[:-1], k // NVFP4_BLOCK, NVFP4_BLOCK)
+    g = jnp.asarray(global_scale, jnp.float32)
+    g = g.reshape(g.shape + (1,) * (q.ndim - g.ndim))
+    y = (q * jnp.asarray(scales).astype(jnp.float32)[..., None]) * g
+    return y.reshape(codes.shape).astype(dtype)
