@@ -24,9 +24,12 @@ class ActQuant:
     ``global_scale`` is NVFP4's static fp32 per-tensor activation scale (from calibration; ignored for INT, whose
     scales are dynamic per token per group). ``hadamard`` rotates the activation by the block-diagonal Hadamard of the
     group size inside the quantize step (PermuQuant-H / rotation baselines; the weight was rotated offline).
+    ``smooth`` (SmoothQuant) is a per-input-channel factor applied to the activation before it is quantized (the
+    weight rows carry the inverse); XLA fuses the multiply into the producer.
     """
 
     global_scale: jax.Array
+    smooth: Optional[jax.Array] = None
     hadamard: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
@@ -43,6 +46,8 @@ def dense(p: dict, x: jax.Array, name: str = "", tap: Tap = None) -> jax.Array:
         import pallas_kernels  # local import: float-only use never needs the kernels
 
         act = p.get("act_quant")
+        if act is not None and act.smooth is not None:
+            x = (x * act.smooth).astype(x.dtype)
         if act is None:
             return pallas_kernels.w4a16_matmul(x, kernel, bias=bias, out_dtype=x.dtype)
         return pallas_kernels.w4a4_matmul(x, kernel, bias=bias, act_global_scale=act.global_scale,
