@@ -1,6 +1,5 @@
 """pqjax.formats against independent references: JAX's own NVFP4 quantizer, XLA's float4/float8
 converts, ml_dtypes, and a numpy INT reference written here from the spec."""
-import math
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,7 @@ from jax._src.cudnn.scaled_matmul_stablehlo import quantize as jax_quantize
 from pqjax import formats as F
 from pqjax.formats import FORMATS, QTensor, fake_quant, nbytes, quantize
 
-HYP = settings(max_examples=25, deadline=None, derandomize=False)
+HYP = settings(max_examples=25, deadline=None)
 
 
 def rand(rng, shape, lo=1e-6, hi=1e4, dtype=np.float32):
@@ -31,11 +30,16 @@ def bits(a):
 
 
 def jax_nvfp4(x_last, g):
-    """JAX's reference quantizer along the last axis -> (e2m1 code bits [...,K], e4m3 scale bits)."""
-    cfg = BlockScaleConfig(mode="nvfp4", block_size=16, data_type=jnp.float4_e2m1fn,
-                           scale_type=jnp.float8_e4m3fn, global_scale=jnp.asarray(g, jnp.float32),
-                           infer_only=True)
-    xq, s = jax.jit(lambda v: jax_quantize(v, cfg))(x_last)
+    """JAX's reference quantizer along the last axis -> (e2m1 code bits [...,K], e4m3 scale bits).
+
+    The global scale is a traced argument, as in a real pipeline: closed over as a constant, XLA
+    folds ``x / g / s`` differently and JAX's own result shifts at rounding ties."""
+    def run(v, gs):
+        cfg = BlockScaleConfig(mode="nvfp4", block_size=16, data_type=jnp.float4_e2m1fn,
+                               scale_type=jnp.float8_e4m3fn, global_scale=gs, infer_only=True)
+        return jax_quantize(v, cfg)
+
+    xq, s = jax.jit(run)(x_last, jnp.asarray(g, jnp.float32))
     assert xq.dtype == jnp.float4_e2m1fn and s.dtype == jnp.float8_e4m3fn
     return bits(xq), bits(s)
 
@@ -48,8 +52,7 @@ def np_pack4(c):
 # ---------------------------------------------------------------------------------------------
 # NVFP4 vs jax._src.cudnn.scaled_matmul_stablehlo.quantize
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape,axis", [((32, 64), -1), ((32, 64), 0), ((3, 48, 32), 1), ((2, 5, 128), -1),
-                                        ((128, 96), 0)])
+@pytest.mark.parametrize("shape,axis", [((32, 64), -1), ((128, 96), 0), ((3, 48, 32), 1), ((2, 5, 128), -1)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("given_global", [False, True])
 def test_nvfp4_bit_exact_vs_jax(shape, axis, dtype, given_global):
@@ -123,7 +126,7 @@ def test_nvfp4_rounding_ties_match_jax():
 
 def test_nvfp4_underflowing_blocks_are_exact_zeros():
     rng = np.random.default_rng(2)
-    x = np.asarray(rand(rng, (8, 64), 1.0, 10.0))
+    x = np.array(rand(rng, (8, 64), 1.0, 10.0))
     x[:, 16:32] *= 1e-9  # scale underflows e4m3 relative to the global scale
     x[:, 32:48] = 0.0    # all-zero block
     q = quantize(jnp.asarray(x), "nvfp4")
@@ -187,14 +190,14 @@ def int_ref(x, bits_, group, axis, scale_dtype=ml_dtypes.bfloat16):
     with np.errstate(divide="ignore", invalid="ignore"):
         quot = (xg * (np.float32(1) / s64.astype(np.float32))).astype(np.float64)
         exact = xg.astype(np.float64) / s64
-    q = np.where(s64 > 0, np.clip(np.round(quot), -qmax, qmax), 0.0)
+    q = np.where(s64 > 0, np.clip(np.round(quot), -qmax, qmax), 0.0).astype(np.int8)  # integer codes: no -0
     deq = np.float32(q * s64)  # q * s is exact in f64; one rounding to f32 (only f32 scales round)
     return q.reshape(xl.shape).astype(np.int8), s[..., 0], deq.reshape(xl.shape), exact.reshape(xl.shape)
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int3"])
-@pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("shape,axis", [((128, 48), 0), ((24, 256), -1), ((2, 3, 128), -1)])
+@pytest.mark.parametrize("group,shape,axis", [(32, (128, 48), 0), (64, (24, 256), -1), (128, (2, 3, 128), -1),
+                                              (64, (3, 192, 4), 1)])
 def test_int_vs_numpy_reference(fmt, group, shape, axis):
     rng = np.random.default_rng(hash((fmt, group, shape, axis)) % 2**32)
     bits_ = F.FORMAT_BITS[fmt]
@@ -254,7 +257,7 @@ def test_int_low_level_and_round_half_even():
 # packing, consistency properties (hypothesis)
 # ---------------------------------------------------------------------------------------------
 @HYP
-@given(lead=st.lists(st.integers(1, 4), max_size=2), n=st.integers(1, 12), seed=st.integers(0, 2**31))
+@given(lead=st.sampled_from([(), (3,), (2, 2)]), n=st.sampled_from([1, 2, 5]), seed=st.integers(0, 2**31))
 def test_pack_roundtrips(lead, n, seed):
     rng = np.random.default_rng(seed)
     c4 = rng.integers(0, 16, (*lead, 2 * n), dtype=np.uint8)
@@ -282,7 +285,7 @@ def test_pack_3bit_layout_example():
 
 
 @HYP
-@given(fmt=st.sampled_from(FORMATS), rows=st.sampled_from([1, 3]), kmul=st.integers(1, 3),
+@given(fmt=st.sampled_from(FORMATS), rows=st.sampled_from([1, 3]), kmul=st.sampled_from([1, 2]),
        axis=st.sampled_from([0, -1]), dtype=st.sampled_from(["float32", "bfloat16", "float16"]),
        seed=st.integers(0, 2**31), zero_frac=st.sampled_from([0.0, 0.5]))
 def test_fake_quant_equals_dequantize(fmt, rows, kmul, axis, dtype, seed, zero_frac):
@@ -290,7 +293,7 @@ def test_fake_quant_equals_dequantize(fmt, rows, kmul, axis, dtype, seed, zero_f
     K = (16 if fmt == "nvfp4" else 64) * kmul
     shape = (K, rows) if axis == 0 else (rows, K)
     hi = 60000.0 if dtype == "float16" else 1e4
-    x = np.asarray(rand(rng, shape, 1e-3, hi))
+    x = np.clip(np.array(rand(rng, shape, 1e-3, hi)), -hi, hi)
     x[rng.random(shape) < zero_frac] = 0.0
     x = jnp.asarray(x, dtype)
     q = quantize(x, fmt, axis=axis)
@@ -363,7 +366,7 @@ def test_bad_arguments():
 def test_nonfinite_propagates_per_block(fmt, bad):
     rng = np.random.default_rng(7)
     g = 16 if fmt == "nvfp4" else 64
-    x = np.asarray(rand(rng, (4, 4 * g), 1e-2, 1e2))
+    x = np.array(rand(rng, (4, 4 * g), 1e-2, 1e2))
     xb = x.copy()
     xb[1, g + 3] = bad
     y = np.asarray(quantize(jnp.asarray(xb), fmt).dequantize())
@@ -387,7 +390,11 @@ def test_huge_values_clip_not_nan(dtype):
     for fmt in FORMATS:
         y = np.asarray(quantize(x, fmt).dequantize(jnp.float32))
         assert np.isfinite(y).all(), fmt
-        assert np.abs(y).max() == pytest.approx(float(np.abs(np.asarray(x, np.float32)).max()), rel=0.02)
+        ref = np.asarray(x, np.float32)[0, :16]
+        np.testing.assert_allclose(y[0, :16], ref, rtol=0.02, err_msg=fmt)
+        if fmt != "nvfp4":  # INT: huge scales are not flushed (1 / s would be subnormal)
+            _, _, rd, _ = int_ref(x, F.FORMAT_BITS[fmt], 64, 1)
+            np.testing.assert_array_equal(y, rd)
     # nvfp4 with a given (too small) global scale: e4m3 scale clips at 448, codes saturate at 6
     q = quantize(x, "nvfp4", global_scale=1e-3)
     y = np.asarray(q.dequantize(jnp.float32))
@@ -403,7 +410,7 @@ def test_zeros_are_exact(fmt):
     assert (bits(q.dequantize()) == 0).all() and (bits(fake_quant(z, fmt, axis=0)) == 0).all()
     if fmt == "nvfp4":
         assert float(q.global_scale) == 1.0
-    x = np.asarray(rand(np.random.default_rng(8), (4, 256)))
+    x = np.array(rand(np.random.default_rng(8), (4, 256)))
     x[:, 128:] = 0.0
     x[:, 10] = -0.0
     y = np.asarray(fake_quant(jnp.asarray(x), fmt))

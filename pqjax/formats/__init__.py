@@ -34,6 +34,7 @@ from .nvfp4 import (
     E2M1_MAX,
     E4M3_MAX,
     NVFP4_BLOCK,
+    div_by_scale,
     e2m1_decode,
     e2m1_encode,
     nvfp4_block_dequant,
@@ -46,7 +47,7 @@ from .qtensor import DEFAULT_INT_GROUP, FORMAT_BITS, FORMATS, QTensor, fake_quan
 __all__ = [
     "FORMATS", "FORMAT_BITS", "DEFAULT_INT_GROUP", "QTensor", "quantize", "fake_quant", "nbytes",
     "pack_4bit", "unpack_4bit", "pack_3bit", "unpack_3bit",
-    "E2M1_MAX", "E4M3_MAX", "NVFP4_BLOCK", "e2m1_encode", "e2m1_decode",
+    "E2M1_MAX", "E4M3_MAX", "NVFP4_BLOCK", "e2m1_encode", "e2m1_decode", "div_by_scale",
     "nvfp4_global_scale", "nvfp4_block_quant", "nvfp4_block_dequant",
     "INT_GROUP_SIZES", "INT_SCALE_DTYPES", "int_qmax", "int_group_quant", "int_group_dequant",
 ]

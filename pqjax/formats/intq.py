@@ -1,7 +1,7 @@
 """Symmetric per-group integer quantization (INT4: qmax = 7, INT3: qmax = 3), float32 arithmetic::
 
     s = scale_dtype(amax_group(|x|) * f32(1 / qmax))      then RNE to the scale dtype
-    q = clip(round_half_even(x * (1 / f32(s))), -qmax, qmax)
+    q = clip(round_half_even(x * (1 / f32(s))), -qmax, qmax)   (nvfp4.div_by_scale)
     x ~ q * s
 
 Divisions are written as multiplications by IEEE f32 reciprocals, as in :mod:`.nvfp4`: that is
@@ -18,8 +18,13 @@ The scale is rounded to its storage dtype (bfloat16 by default) BEFORE ``q`` is 
 """
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+from .nvfp4 import div_by_scale
 
 __all__ = ["INT_GROUP_SIZES", "INT_SCALE_DTYPES", "int_qmax", "int_group_quant", "int_group_dequant"]
 
@@ -31,6 +36,7 @@ def int_qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "scale_dtype"))
 def int_group_quant(x, bits: int, group_size: int, scale_dtype=jnp.bfloat16):
     """Quantize along the LAST axis in groups of ``group_size``.
 
@@ -50,11 +56,12 @@ def int_group_quant(x, bits: int, group_size: int, scale_dtype=jnp.bfloat16):
     finite = jnp.all(jnp.isfinite(xg), axis=-1, keepdims=True)
     s = jnp.where(finite, s, jnp.array(jnp.nan, sdt))
     sf = s.astype(jnp.float32)
-    q = jnp.clip(jnp.round(xg * (jnp.float32(1) / sf)), -qmax, qmax)
+    q = jnp.clip(jnp.round(div_by_scale(xg, sf)), -qmax, qmax)
     q = jnp.where(sf > 0, q, 0.0)  # zero and NaN scales -> code 0
     return q.astype(jnp.int8).reshape(x.shape), s[..., 0]
 
 
+@functools.partial(jax.jit, static_argnames="dtype")
 def int_group_dequant(codes, scales, dtype=jnp.float32):
     """Inverse of :func:`int_group_quant`: ``f32(codes) * f32(scales)`` per group, then cast."""
     codes = jnp.asarray(codes)

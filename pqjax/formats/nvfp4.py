@@ -9,10 +9,12 @@ what a compiler does (jit, vmap, fusion) and a GPU kernel can copy it (``r = 1 /
 IEEE round-to-nearest division, e.g. ``div_rn`` in Triton), all in float32::
 
     global = amax(|x|) * f32(1 / 2688)                  2688 = 6 * 448; unless given
-    x'     = x * (1 / global)                           blocks of 16 along the last axis
+    x'     = x * (1 / global)                           blocks of 16 along the last axis (*)
     s      = e4m3(clip(blockamax(|x'|) * f32(1 / 6), 0, 448))   RNE; clip first (no e4m3 saturation)
     q      = e2m1(clip(x' * (1 / f32(s)), -6, 6))       RNE
     x      ~ (q * s) * global
+
+(*) every ``a * (1 / b)`` is :func:`div_by_scale`, which also keeps huge ``b`` (>= 2^64) exact.
 
 Codes and scales are bit-identical to JAX's for finite input, with these documented exceptions:
 
@@ -37,13 +39,16 @@ e2m1 code layout (4 bits): bit 3 sign, bits 2..1 exponent (bias 1), bit 0 mantis
 """
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 __all__ = [
     "E2M1_MAX", "E4M3_MAX", "NVFP4_BLOCK", "e2m1_encode", "e2m1_decode",
-    "nvfp4_global_scale", "nvfp4_block_quant", "nvfp4_block_dequant",
+    "div_by_scale", "nvfp4_global_scale", "nvfp4_block_quant", "nvfp4_block_dequant",
 ]
 
 E2M1_MAX = 6.0
@@ -57,6 +62,21 @@ _E2M1_STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True),
                (2.5, False), (3.5, True), (5.0, False))
 
 
+@jax.jit
+def div_by_scale(x, s):
+    """``x / s`` the way XLA compiles it, made explicit: ``x * f32(1 / s)`` (IEEE reciprocal).
+
+    For ``|s| >= 2^64`` both operands are first multiplied by ``2^-64`` (exact), which gives the same
+    result while keeping ``1 / s`` out of the subnormal range that XLA/CPU flushes to zero (without
+    it, ``x / 1e38`` would give 0).  Kernels whose scales are far from f32 overflow can skip that.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    s = jnp.asarray(s, jnp.float32)
+    c = jnp.where(jnp.abs(s) >= jnp.float32(2.0 ** 64), jnp.float32(2.0 ** -64), jnp.float32(1))
+    return (x * c) * (jnp.float32(1) / (s * c))
+
+
+@jax.jit
 def e2m1_encode(x):
     """float -> uint8 e2m1 codes (low 4 bits): round-to-nearest-even, saturating at +-6.
 
@@ -72,6 +92,7 @@ def e2m1_encode(x):
     return (sign << jnp.uint8(3)) | mag
 
 
+@jax.jit
 def e2m1_decode(codes):
     """uint8 e2m1 codes (low 4 bits) -> float32, by building the f32 bit pattern."""
     c = jnp.asarray(codes).astype(jnp.uint32) & jnp.uint32(0xF)
@@ -83,6 +104,7 @@ def e2m1_decode(codes):
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
+@jax.jit
 def nvfp4_global_scale(x):
     """fp32 scalar ``amax(|x|) * f32(1 / 2688)`` over the finite entries of ``x``; 1.0 if that is 0.
 
@@ -94,6 +116,7 @@ def nvfp4_global_scale(x):
     return jnp.where(g > 0, g, jnp.float32(1.0)).astype(jnp.float32)
 
 
+@jax.jit
 def nvfp4_block_quant(x, global_scale=None):
     """Quantize along the LAST axis in blocks of 16.
 
@@ -107,18 +130,19 @@ def nvfp4_block_quant(x, global_scale=None):
         raise ValueError(f"nvfp4_block_quant: last axis of shape {tuple(x.shape)} is not a multiple of 16")
     g = nvfp4_global_scale(x) if global_scale is None else jnp.asarray(global_scale, jnp.float32)
     xb = x.reshape(*x.shape[:-1], k // NVFP4_BLOCK, NVFP4_BLOCK)
-    xs = xb.astype(jnp.float32) * (jnp.float32(1) / g)
+    xs = div_by_scale(xb.astype(jnp.float32), g)
     bamax = jnp.max(jnp.abs(xs), axis=-1, keepdims=True)
     s = jnp.clip(bamax * _INV_6, 0.0, jnp.float32(E4M3_MAX))
     s = lax.optimization_barrier(s.astype(jnp.float8_e4m3fn))
     finite = jnp.all(jnp.isfinite(xb), axis=-1, keepdims=True)
     s = jnp.where(finite, s, jnp.array(jnp.nan, jnp.float8_e4m3fn))
     sf = s.astype(jnp.float32)
-    q = jnp.clip(xs * (jnp.float32(1) / sf), -E2M1_MAX, E2M1_MAX)
+    q = jnp.clip(div_by_scale(xs, sf), -E2M1_MAX, E2M1_MAX)
     codes = jnp.where(sf == 0, jnp.uint8(0), e2m1_encode(q))
     return codes.reshape(x.shape), s[..., 0]
 
 
+@functools.partial(jax.jit, static_argnames="dtype")
 def nvfp4_block_dequant(codes, scales, global_scale, dtype=jnp.float32):
     """Inverse of :func:`nvfp4_block_quant`: ``(e2m1(codes) * scale) * global`` in f32, then cast.
 

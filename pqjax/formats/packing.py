@@ -12,6 +12,9 @@ sign-extends them back to int8.
 """
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 __all__ = ["pack_4bit", "unpack_4bit", "pack_3bit", "unpack_3bit"]
@@ -23,6 +26,7 @@ def _check_last(codes, multiple: int, what: str):
         raise ValueError(f"{what}: last axis of shape {tuple(codes.shape)} must be a multiple of {multiple}")
 
 
+@jax.jit
 def pack_4bit(codes):
     """uint8/int8 codes ``[..., K]`` (low 4 bits used) -> uint8 ``[..., K // 2]``."""
     codes = jnp.asarray(codes)
@@ -33,6 +37,7 @@ def pack_4bit(codes):
     return lo | (hi << jnp.uint8(4))
 
 
+@functools.partial(jax.jit, static_argnames="signed")
 def unpack_4bit(packed, signed: bool = False):
     """uint8 ``[..., n]`` -> ``[..., 2n]`` nibbles (uint8, or sign-extended int8 if ``signed``)."""
     packed = jnp.asarray(packed).astype(jnp.uint8)
@@ -44,6 +49,7 @@ def unpack_4bit(packed, signed: bool = False):
     return out
 
 
+@jax.jit
 def pack_3bit(codes):
     """uint8/int8 codes ``[..., K]`` (low 3 bits used, K % 8 == 0) -> uint8 ``[..., 3K // 8]``."""
     codes = jnp.asarray(codes)
@@ -57,6 +63,7 @@ def pack_3bit(codes):
     return jnp.stack(b, axis=-1).reshape(*codes.shape[:-1], codes.shape[-1] * 3 // 8)
 
 
+@functools.partial(jax.jit, static_argnames="signed")
 def unpack_3bit(packed, signed: bool = False):
     """uint8 ``[..., 3n]`` -> ``[..., 8n]`` 3-bit codes (uint8, or sign-extended int8 if ``signed``)."""
     packed = jnp.asarray(packed)
