@@ -43,6 +43,7 @@ class QuantReport:
     skipped: dict[str, str]           # linear -> why it stayed 16-bit against its rule
     unused_rules: list[Rule]
     seconds: dict[str, float]
+    perms: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # accepted permutations per site
 
     def table(self) -> str:
         lines = [f"{'site':<42} {'K':>6} {'acc':>4} {'alpha':>5} {'E_orig':>11} {'E_best':>11} {'gain':>7}"]
@@ -72,7 +73,8 @@ class QuantReport:
     def to_dict(self) -> dict:
         return {"config": self.config.to_dict(), "sites": [dataclasses.asdict(r) for r in self.sites],
                 "modes": dict(self.modes), "skipped": dict(self.skipped),
-                "unused_rules": [list(r) for r in self.unused_rules], "seconds": dict(self.seconds)}
+                "unused_rules": [list(r) for r in self.unused_rules], "seconds": dict(self.seconds),
+                "perms": {k: np.asarray(v).tolist() for k, v in self.perms.items()}}
 
 
 def quantize(params, calib_batch, *, config: QuantConfig = QuantConfig(), model_config: FluxConfig,
@@ -174,7 +176,7 @@ def quantize(params, calib_batch, *, config: QuantConfig = QuantConfig(), model_
         qparams = S.set_path(qparams, p, lin)
     qparams = jax.tree.map(lambda a: jnp.asarray(a), qparams)
     times["absorb+pack"] = time.perf_counter() - t0
-    report = QuantReport(config, reports, modes, skipped, unused, times)
+    report = QuantReport(config, reports, modes, skipped, unused, times, perms)
     log(report.summary())
     return qparams, report
 

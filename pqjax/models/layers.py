@@ -81,7 +81,7 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
 def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
     """diffusers ``get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)`` (fp32)."""
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    freqs = jnp.exp((-math.log(max_period) * jnp.arange(half, dtype=jnp.float32)) / half)  # diffusers' op order
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
