@@ -61,6 +61,7 @@ class SiteStats:
     amax: jax.Array       # [K] max |x|
     count: jax.Array      # [] number of rows seen
     rows: jax.Array       # [R, K] sampled rows (fp32)
+    first_bad_step: jax.Array  # [] first denoising step with a NaN/Inf in this activation (int32 max if none)
 
     @property
     def mu2(self) -> jax.Array:
@@ -72,9 +73,11 @@ def _update(stats: SiteStats, x: jax.Array, key: jax.Array, step, rows_per_step:
     m = x.shape[0]
     idx = jax.random.choice(key, m, (rows_per_step,), replace=m < rows_per_step)
     rows = jax.lax.dynamic_update_slice(stats.rows, x[idx], (step * rows_per_step, 0))
+    bad = ~jnp.all(jnp.isfinite(x))
     return SiteStats(sumsq=stats.sumsq + jnp.sum(jnp.square(x), axis=0),
                      amax=jnp.maximum(stats.amax, jnp.max(jnp.abs(x), axis=0)),
-                     count=stats.count + m, rows=rows)
+                     count=stats.count + m, rows=rows,
+                     first_bad_step=jnp.where(bad, jnp.minimum(stats.first_bad_step, step), stats.first_bad_step))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "taps", "rows_per_step", "progress"))
@@ -97,7 +100,8 @@ def _calibrate(config, params, latents, ctx, pooled, img_ids, txt_ids, timesteps
     if missing:
         raise ValueError(f"calibration: the model never calls linears {missing}")
     init = {n: SiteStats(jnp.zeros(shapes[n][-1]), jnp.zeros(shapes[n][-1]), jnp.zeros(()),
-                         jnp.zeros((n_steps * rows_per_step, shapes[n][-1]))) for n in taps}
+                         jnp.zeros((n_steps * rows_per_step, shapes[n][-1])), jnp.int32(2**31 - 1))
+            for n in taps}
 
     def body(carry, i):
         x, stats = carry
@@ -152,7 +156,14 @@ def calibrate(config: FluxConfig, params, calib_batch, *, taps: Sequence[str], n
                        jnp.zeros((ctx.shape[1], 3)), jnp.asarray(timesteps), jnp.asarray(sigmas), guidance,
                        jax.random.key(seed), taps=tuple(taps), rows_per_step=rows_per_step, progress=progress)
     stats = {n: dataclasses.replace(s, rows=s.rows[:num_rows]) for n, s in stats.items()}
-    for n in taps:  # model order: the first bad one is where the trouble starts
-        if not (np.isfinite(np.asarray(stats[n].sumsq)).all() and np.isfinite(np.asarray(stats[n].amax)).all()):
-            raise ValueError(f"calibration: non-finite activations (NaN/Inf) at the input of {n}")
+    bad = [n for n in taps if int(stats[n].first_bad_step) < 2**31 - 1]
+    if bad:  # name the first one (earliest step, then the model's call order): that is where the trouble starts
+        order = []
+        jax.eval_shape(lambda x: flux.forward(
+            config, params, hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled,
+            timestep=jnp.zeros(x.shape[0]), img_ids=prepare_img_ids(h // 2, w // 2), txt_ids=jnp.zeros((ctx.shape[1], 3)),
+            guidance=guidance, tap=lambda n, a: order.append(n)), latents)
+        first = min(bad, key=lambda n: (int(stats[n].first_bad_step), order.index(n)))
+        raise ValueError(f"calibration: non-finite activations (NaN/Inf) at the input of {first} at denoising step "
+                         f"{int(stats[first].first_bad_step)} ({len(bad)} tapped activations affected)")
     return stats
