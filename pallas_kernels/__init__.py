@@ -1,0 +1,153 @@
+"""Quantized linears for pqjax: Pallas GPU kernels (Triton backend) + their pure-XLA references.
+
+The model calls ONE dispatch::
+
+    y = pallas_kernels.w4a4_matmul(x, w, bias=b, act_global_scale=gx, hadamard=False)   # W4A4
+    y = pallas_kernels.w4a16_matmul(x, w, bias=b)                                       # weight-only
+
+``w`` is a Flax kernel ``[K, N]`` quantized with ``pqjax.formats.quantize(W, fmt, axis=0)``;
+``x[..., K]``; the result ``[..., N]`` is in ``out_dtype`` (default ``x.dtype``).  Numerics:
+:mod:`pallas_kernels.reference` (the kernels reproduce it up to fp32 accumulation order).
+
+``hadamard=True`` (PermuQuant-H) rotates x per quantization group (16 for nvfp4) by the
+normalized Sylvester Hadamard matrix ``H_g / sqrt(g)`` (:func:`hadamard_matrix` gives the +-1
+``H_g``; symmetric and orthogonal once normalized) before quantizing it; the weight must already
+have been rotated offline with the same matrix: ``W_rot[group rows] = (H_g / sqrt(g)) @ W[group
+rows]``, so that ``x_rot @ W_rot == x @ W``.
+
+Implementation choice (made at TRACE time):
+
+* ``impl=None`` / no :func:`use_impl`: the Triton kernel on an NVIDIA GPU with compute capability
+  >= 8.0, the XLA reference elsewhere (CPU, TPU, ROCm, older GPUs).  The kernels decode e4m3 and
+  round e2m1/e4m3 by hand, so sm_80 needs no special flag.  (Blackwell could use native
+  block-scaled FP4 via ``jax.nn.scaled_matmul``: not wired in yet, it still gets the Triton
+  kernel.)
+* ``impl`` / ``use_impl(...)``: ``"xla"`` (reference), ``"triton"`` (the kernel, compiled for
+  the GPU), ``"interpret"`` (the kernel through the Pallas interpreter: CPU tests).  An explicit
+  ``impl=`` argument wins over the context manager.  ``use_impl`` is a JAX config state that is
+  part of the jit cache key, so a function jitted under one choice is retraced under another;
+  the environment variable ``PQJAX_KERNEL_IMPL`` sets the default.
+* If the kernel cannot serve a shape it raises ``NotImplementedError``; the dispatcher then uses
+  the reference and logs that once per reason at DEBUG level.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+
+import jax
+
+from . import reference
+from ._common import hadamard_matrix
+from . import triton_kernels
+
+__all__ = ["w4a4_matmul", "w4a16_matmul", "use_impl", "current_impl", "resolve_impl", "IMPLS",
+           "hadamard_matrix", "reference", "triton_kernels"]
+
+IMPLS = ("xla", "triton", "interpret")
+_log = logging.getLogger(__name__)
+_logged: set = set()
+
+
+def _make_state():
+    """A JAX config state included in the jit cache key (private API; thread-local fallback)."""
+    try:
+        from jax._src import config as jax_config
+
+        return jax_config.optional_enum_state(
+            "pqjax_kernel_impl", IMPLS, None,
+            help="pqjax quantized-linear implementation: xla, triton, interpret or None (auto).",
+            include_in_jit_key=True, include_in_trace_context=True)
+    except Exception:  # pragma: no cover - a JAX without this API, or a module reload
+        return None
+
+
+_IMPL_STATE = _make_state()
+_local = threading.local()
+
+
+def _check_impl(impl):
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"unknown kernel implementation {impl!r}; expected one of {IMPLS} or None")
+    return impl
+
+
+@contextlib.contextmanager
+def use_impl(impl):
+    """Force the implementation for calls traced inside the block: "xla", "triton", "interpret" or None (auto)."""
+    _check_impl(impl)
+    if _IMPL_STATE is not None:
+        with _IMPL_STATE(impl):
+            yield
+        return
+    prev = getattr(_local, "impl", None)
+    _local.impl = impl
+    try:
+        yield
+    finally:
+        _local.impl = prev
+
+
+def current_impl():
+    """The implementation forced by the innermost :func:`use_impl` (None: automatic)."""
+    if _IMPL_STATE is not None:
+        return _IMPL_STATE.value
+    return getattr(_local, "impl", None)
+
+
+def _gpu_compute_capability():
+    """(major, minor) of the default backend's first device if it is an NVIDIA GPU, else None."""
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return None
+    if dev.platform != "gpu":
+        return None
+    cc = getattr(dev, "compute_capability", None)
+    if cc is None:  # ROCm devices have no compute_capability
+        return None
+    try:
+        major, minor = (int(v) for v in str(cc).split(".")[:2])
+    except ValueError:
+        return None
+    return major, minor
+
+
+def resolve_impl(impl=None) -> str:
+    """The implementation a call would use now: explicit ``impl``, else :func:`use_impl`, else auto."""
+    impl = _check_impl(impl) or current_impl()
+    if impl is not None:
+        return impl
+    cc = _gpu_compute_capability()
+    return "triton" if cc is not None and cc >= (8, 0) else "xla"
+
+
+def _fallback_once(name, err):
+    key = (name, str(err))
+    if key not in _logged:
+        _logged.add(key)
+        _log.debug("pallas_kernels.%s: kernel cannot serve this call (%s); using the XLA reference", name, err)
+
+
+def _dispatch(name, kernel, ref, impl, kwargs, x, w):
+    impl = resolve_impl(impl)
+    if impl == "xla":
+        return ref(x, w, **kwargs)
+    try:
+        return kernel(x, w, interpret=impl == "interpret", **kwargs)
+    except NotImplementedError as err:
+        _fallback_once(name, err)
+        return ref(x, w, **kwargs)
+
+
+def w4a4_matmul(x, w, *, bias=None, act_global_scale=None, hadamard=False, out_dtype=None, impl=None):
+    """W4A4 linear ``x @ W + bias``: x quantized like ``w`` (nvfp4: static ``act_global_scale``)."""
+    kwargs = dict(bias=bias, act_global_scale=act_global_scale, hadamard=hadamard, out_dtype=out_dtype)
+    return _dispatch("w4a4_matmul", triton_kernels.w4a4_matmul, reference.w4a4_matmul, impl, kwargs, x, w)
+
+
+def w4a16_matmul(x, w, *, bias=None, out_dtype=None, impl=None):
+    """Weight-only linear ``x @ dequant(W) + bias`` (fp32 accumulation)."""
+    kwargs = dict(bias=bias, out_dtype=out_dtype)
+    return _dispatch("w4a16_matmul", triton_kernels.w4a16_matmul, reference.w4a16_matmul, impl, kwargs, x, w)
