@@ -486,3 +486,23 @@ def test_orbax_roundtrip(tmp_path):
         np.testing.assert_array_equal(bits(restored[k].dequantize()), bits(tree[k].dequantize()))
     np.testing.assert_array_equal(bits(restored["bias"]), bits(tree["bias"]))
     assert nbytes(restored) == nbytes(tree)
+
+
+def test_signed_unpack_inside_jitted_dot_regression():
+    """XLA CPU (jaxlib 0.10) miscompiled int8 sign extension fused into a dot operand: sum(dot(unpack(pack(a)),
+    unpack(pack(b)).T)) under jit came out ~1e8 instead of ~1e4. The float64 numpy product is the reference."""
+    from pqjax.formats import pack_4bit, pack_3bit, unpack_3bit, unpack_4bit
+    rng = np.random.default_rng(0)
+    for bits, pack, unpack in ((4, pack_4bit, unpack_4bit), (3, pack_3bit, unpack_3bit)):
+        q = 2 ** (bits - 1) - 1
+        a = rng.integers(-q, q + 1, (64, 256)).astype(np.int8)
+        b = rng.integers(-q, q + 1, (48, 256)).astype(np.int8)
+        perm = rng.permutation(256)
+
+        def f(p):
+            ua = unpack(pack(jnp.take(jnp.asarray(a), p, axis=1)), signed=True).astype(jnp.float32)
+            ub = unpack(pack(jnp.take(jnp.asarray(b), p, axis=1)), signed=True).astype(jnp.float32)
+            return jnp.sum(jnp.dot(ua, ub.T, precision="highest"))
+
+        want = float(np.sum(a[:, perm].astype(np.float64) @ b[:, perm].astype(np.float64).T))
+        assert float(jax.jit(f)(jnp.asarray(perm))) == want

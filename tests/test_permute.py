@@ -146,3 +146,19 @@ def test_bad_inputs():
     bad[3, 5] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
         search_site(bad, ws, fmt="int4")
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int3", "nvfp4"])
+def test_vectorized_errors_equal_eager_per_candidate(fmt):
+    """Regression: the jitted, vmapped error of every candidate equals an eager evaluation of that candidate
+    (int8 sign extension fused into a dot once miscompiled on XLA CPU and gave errors of 1e11)."""
+    import jax.numpy as jnp
+    from pqjax.permute import candidate_permutations, site_error, weight_second_moment
+    rng = np.random.default_rng(11)
+    k = 256
+    x = (rng.standard_normal((64, k)) * np.exp(rng.standard_normal(k))).astype(np.float32)
+    ws = [(rng.standard_normal((k, 48)) * 0.05).astype(np.float32)]
+    res = search_site(x, ws, fmt=fmt)
+    perms = candidate_permutations(np.mean(x.astype(np.float64) ** 2, 0), weight_second_moment(ws), ALPHAS)
+    eager = [float(site_error(p, [x], ws, fmt=fmt, group_size=None if fmt == "nvfp4" else 64)) for p in perms]
+    np.testing.assert_allclose(res.errors, eager, rtol=1e-4)

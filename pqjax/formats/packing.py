@@ -44,8 +44,8 @@ def unpack_4bit(packed, signed: bool = False):
     lo = packed & jnp.uint8(0xF)
     hi = packed >> jnp.uint8(4)
     out = jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
-    if signed:
-        out = (out ^ jnp.uint8(8)).astype(jnp.int8) - jnp.int8(8)
+    if signed:  # sign-extend in int32: int8 arithmetic fused into a dot operand miscompiles on XLA CPU (jaxlib 0.10)
+        out = ((out.astype(jnp.int32) ^ 8) - 8).astype(jnp.int8)
     return out
 
 
@@ -72,6 +72,6 @@ def unpack_3bit(packed, signed: bool = False):
     word = p[..., 0] | (p[..., 1] << jnp.uint32(8)) | (p[..., 2] << jnp.uint32(16))
     c = jnp.stack([(word >> jnp.uint32(3 * k)) & jnp.uint32(7) for k in range(8)], axis=-1)
     out = c.astype(jnp.uint8).reshape(*packed.shape[:-1], packed.shape[-1] // 3 * 8)
-    if signed:
-        out = (out ^ jnp.uint8(4)).astype(jnp.int8) - jnp.int8(4)
+    if signed:  # sign-extend in int32 (see unpack_4bit)
+        out = ((out.astype(jnp.int32) ^ 4) - 4).astype(jnp.int8)
     return out
