@@ -154,7 +154,8 @@ _errors_jit = jax.jit(_errors, static_argnames=("fmt", "group_size", "hadamard",
 # ---------------------------------------------------------------------------------------------- search
 
 def search_site(x_rows, kernels, *, fmt, group_size=None, alpha_grid=DEFAULT_ALPHA_GRID, tau=0.0, hadamard=False,
-                blocks=None, mu2_a=None, act_quant=True, act_global_scales=None) -> SiteResult:
+                blocks=None, mu2_a=None, act_quant=True, act_global_scales=None,
+                chunk_cols: int = 4096) -> SiteResult:
     """PermuQuant search for one site.
 
     x_rows: [n, K] sampled activations read by every kernel, or a sequence with one [n_i, K] array per kernel (for a
@@ -166,6 +167,7 @@ def search_site(x_rows, kernels, *, fmt, group_size=None, alpha_grid=DEFAULT_ALP
     blocks: permutation constraint (sorted within contiguous blocks; see :func:`sorted_permutation`).
     mu2_a: per-channel activation second moment from calibration (default: from ``x_rows``).
     act_quant: False for weight-only (W4A16) sites. act_global_scales: static NVFP4 activation scales, one per kernel.
+    chunk_cols: output columns evaluated at once (memory bound; the result does not depend on it beyond fp32 sums).
     """
     kernels = [jnp.asarray(w) for w in kernels]
     if not kernels:
@@ -187,9 +189,17 @@ def search_site(x_rows, kernels, *, fmt, group_size=None, alpha_grid=DEFAULT_ALP
     if mu2_a is None:
         mu2_a = sum(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32)), 0) for x in xs) / sum(x.shape[0] for x in xs)
     perms = candidate_permutations(mu2_a, weight_second_moment(kernels), tuple(alpha_grid), blocks)
-    scales = None if act_global_scales is None else [jnp.asarray(s, jnp.float32) for s in act_global_scales]
-    errs = np.asarray(_errors_jit(perms, [jnp.asarray(x, jnp.float32) for x in xs], kernels, scales, fmt=fmt,
-                                  group_size=g, hadamard=bool(hadamard), act_quant=bool(act_quant)), np.float64)
+    scales = [None] * len(kernels) if act_global_scales is None else \
+        [jnp.asarray(s, jnp.float32) for s in act_global_scales]
+    # E is a sum over output columns and weights are quantized per output row: evaluating column chunks one at a
+    # time is exact and bounds memory (all candidates of one chunk are live at once)
+    errs = np.zeros(perms.shape[0], np.float64)
+    for x, w, sc in zip(xs, kernels, scales):
+        x = jnp.asarray(x, jnp.float32)
+        for start in range(0, w.shape[1], chunk_cols):
+            e = _errors_jit(perms, [x], [w[:, start:start + chunk_cols]], None if sc is None else [sc], fmt=fmt,
+                            group_size=g, hadamard=bool(hadamard), act_quant=bool(act_quant))
+            errs += np.asarray(e, np.float64)
     best = int(np.argmin(errs))
     e_orig, e_best = float(errs[0]), float(errs[best])
     gain = (e_orig - e_best) / e_orig if e_orig > 0 else 0.0

@@ -162,3 +162,11 @@ def test_vectorized_errors_equal_eager_per_candidate(fmt):
     perms = candidate_permutations(np.mean(x.astype(np.float64) ** 2, 0), weight_second_moment(ws), ALPHAS)
     eager = [float(site_error(p, [x], ws, fmt=fmt, group_size=None if fmt == "nvfp4" else 64)) for p in perms]
     np.testing.assert_allclose(res.errors, eager, rtol=1e-4)
+
+
+def test_column_chunking_is_exact():
+    x, ws = _site(8)
+    a = search_site(x, ws, fmt="nvfp4")
+    b = search_site(x, ws, fmt="nvfp4", chunk_cols=16)
+    np.testing.assert_allclose(a.errors, b.errors, rtol=1e-5)
+    np.testing.assert_array_equal(a.perm, b.perm)
