@@ -115,8 +115,11 @@ def candidate_permutations(mu2_a, mu2_w, alpha_grid, blocks=None) -> jax.Array:
 
 # ---------------------------------------------------------------------------------------------- error
 
-def quantized_product(x, w, *, fmt, group_size, hadamard=False, act_quant=True, act_global_scale=None):
-    """``Q_a(x) Q_w(w)`` in fp32 with the deployment quantizers (x [n, K] already permuted, w [K, N])."""
+def quantized_product(x, w, *, fmt, group_size, hadamard=False, act_quant=True, act_global_scale=None,
+                      w_global_scale=None):
+    """``Q_a(x) Q_w(w)`` in fp32 with the deployment quantizers (x [n, K] already permuted, w [K, N]).
+
+    NVFP4 global scales default to the operands' own amax; pass ``w_global_scale`` when ``w`` is a column slice."""
     g = group_size_of(fmt, group_size)
     if hadamard:
         x, w = block_hadamard(x, g, axis=-1), block_hadamard(w, g, axis=0)
@@ -124,11 +127,12 @@ def quantized_product(x, w, *, fmt, group_size, hadamard=False, act_quant=True, 
     if act_quant:
         x = formats.fake_quant(x, fmt, group_size=gs, axis=-1,
                                global_scale=act_global_scale if fmt == "nvfp4" else None)
-    wq = formats.fake_quant(w, fmt, group_size=gs, axis=0)
+    wq = formats.fake_quant(w, fmt, group_size=gs, axis=0, global_scale=w_global_scale if fmt == "nvfp4" else None)
     return jnp.dot(x.astype(jnp.float32), wq.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
 
-def site_error(perm, xs, kernels, *, fmt, group_size, hadamard=False, act_quant=True, act_global_scales=None):
+def site_error(perm, xs, kernels, *, fmt, group_size, hadamard=False, act_quant=True, act_global_scales=None,
+               w_global_scales=None):
     """E(P) = sum_i ||X_i W_i - Q_a(X_i P) Q_w(P^T W_i)||^2 (fp32)."""
     total = jnp.float32(0)
     for i, (x, w) in enumerate(zip(xs, kernels)):
@@ -136,15 +140,17 @@ def site_error(perm, xs, kernels, *, fmt, group_size, hadamard=False, act_quant=
         w = jnp.asarray(w, jnp.float32)
         ref = jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST)
         gsc = None if act_global_scales is None else act_global_scales[i]
+        wsc = None if w_global_scales is None else w_global_scales[i]
         y = quantized_product(jnp.take(x, perm, axis=1), jnp.take(w, perm, axis=0), fmt=fmt, group_size=group_size,
-                              hadamard=hadamard, act_quant=act_quant, act_global_scale=gsc)
+                              hadamard=hadamard, act_quant=act_quant, act_global_scale=gsc, w_global_scale=wsc)
         total = total + jnp.sum(jnp.square(ref - y))
     return total
 
 
-def _errors(perms, xs, kernels, act_global_scales, *, fmt, group_size, hadamard, act_quant):
+def _errors(perms, xs, kernels, act_global_scales, w_global_scales, *, fmt, group_size, hadamard, act_quant):
     f = lambda p: site_error(p, xs, kernels, fmt=fmt, group_size=group_size, hadamard=hadamard,
-                             act_quant=act_quant, act_global_scales=act_global_scales)
+                             act_quant=act_quant, act_global_scales=act_global_scales,
+                             w_global_scales=w_global_scales)
     return jax.vmap(f)(perms)
 
 
@@ -196,8 +202,13 @@ def search_site(x_rows, kernels, *, fmt, group_size=None, alpha_grid=DEFAULT_ALP
     errs = np.zeros(perms.shape[0], np.float64)
     for x, w, sc in zip(xs, kernels, scales):
         x = jnp.asarray(x, jnp.float32)
+        # NVFP4 weight global scale of the whole tensor (not of a chunk). With a Hadamard rotation the rotated amax
+        # depends a little on the candidate; the identity's is used: it only positions the e4m3 block-scale range.
+        wsc = [formats.nvfp4_global_scale(w)]
+        if hadamard and fmt == "nvfp4":
+            wsc = [formats.nvfp4_global_scale(block_hadamard(jnp.asarray(w, jnp.float32), g, axis=0))]
         for start in range(0, w.shape[1], chunk_cols):
-            e = _errors_jit(perms, [x], [w[:, start:start + chunk_cols]], None if sc is None else [sc], fmt=fmt,
+            e = _errors_jit(perms, [x], [w[:, start:start + chunk_cols]], None if sc is None else [sc], wsc, fmt=fmt,
                             group_size=g, hadamard=bool(hadamard), act_quant=bool(act_quant))
             errs += np.asarray(e, np.float64)
     best = int(np.argmin(errs))
