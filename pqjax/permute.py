@@ -16,6 +16,7 @@ about FLUX (see ``pqjax.sites`` for that).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -102,6 +103,7 @@ def sorted_permutation(scores: jax.Array, blocks: Sequence[int] | None = None) -
     return jnp.concatenate(out, axis=-1).astype(jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnames=("alpha_grid", "blocks"))
 def candidate_permutations(mu2_a, mu2_w, alpha_grid, blocks=None) -> jax.Array:
     """[1 + len(alpha_grid), K]: the identity, then the descending order of v(alpha) for each alpha."""
     la = jnp.log(jnp.asarray(mu2_a, jnp.float32) + _TINY)
@@ -194,7 +196,8 @@ def search_site(x_rows, kernels, *, fmt, group_size=None, alpha_grid=DEFAULT_ALP
         raise ValueError("search_site: non-finite values in the activation rows")
     if mu2_a is None:
         mu2_a = sum(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32)), 0) for x in xs) / sum(x.shape[0] for x in xs)
-    perms = candidate_permutations(mu2_a, weight_second_moment(kernels), tuple(alpha_grid), blocks)
+    perms = candidate_permutations(mu2_a, weight_second_moment(kernels), tuple(alpha_grid),
+                                   None if blocks is None else tuple(blocks))
     scales = [None] * len(kernels) if act_global_scales is None else \
         [jnp.asarray(s, jnp.float32) for s in act_global_scales]
     # E is a sum over output columns and weights are quantized per output row: evaluating column chunks one at a
