@@ -38,8 +38,25 @@ def _version() -> str:
     return __version__
 
 
+def _enable_compile_cache() -> None:
+    """JAX's persistent compilation cache (PQJAX_CACHE_DIR, default ~/.cache/pqjax/jax; "0" turns it off): a second
+    run of a command reuses the compiled sampler, calibration and search instead of compiling them again."""
+    import os
+
+    d = os.environ.get("PQJAX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "pqjax", "jax"))
+    if d == "0":
+        return
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:  # the caller (e.g. a test) already chose one
+        return
+    jax.config.update("jax_compilation_cache_dir", d)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    _enable_compile_cache()
     try:
         return int(args._run(args) or 0)
     except CommandError as e:
