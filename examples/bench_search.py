@@ -45,7 +45,7 @@ def main(argv=None):
     n_cand = 1 + len(DEFAULT_ALPHA_GRID)
     print(f"device: {jax.devices()[0].device_kind}; format {args.fmt}; {args.rows} rows; {n_cand} candidates")
     print(f"{'site type':<24} {'K':>6} {'outputs':>8} {'count':>5} {'s/site':>8} {'GFLOP/site':>11} {'total s':>9}")
-    total_s = total_flop = 0.0
+    total_s = total_flop = total_bytes = 0.0
     for name, k, outs, separate, count, weight_only in site_types(c):
         scale = 1
         if args.quick and len(outs) == 1 and outs[0] > 4 * 18432:
@@ -63,12 +63,17 @@ def main(argv=None):
         flop = n_cand * sum(2 * args.rows * k * n for n in outs) * scale
         total_s += secs * count
         total_flop += flop * count
+        # fake-quantizing each candidate's weights streams them a few times: ~16 bytes per element per candidate
+        total_bytes += n_cand * 16 * k * sum(outs) * scale * count
         print(f"{name:<24} {k:>6} {sum(outs) * scale:>8} {count:>5} {secs:>8.2f} {flop / 1e9:>11.1f} "
               f"{secs * count:>9.1f}")
     print(f"whole FLUX.1-dev search on this device: {total_s:.0f} s ({total_s / 60:.1f} min); "
           f"{total_flop / 1e12:.1f} TFLOP of candidate matmuls")
-    for rate in (50e12, 200e12):
-        print(f"  at a sustained {rate / 1e12:.0f} TFLOP/s (e.g. H100 fp32/tf32-class): ~{total_flop / rate:.0f} s of matmul")
+    # extrapolation to a GPU: candidate matmuls at fp32 rate (HIGHEST precision) + weight streaming at HBM bandwidth
+    for name, rate, bw in (("H100 SXM (fp32 ~50 TFLOP/s sustained, 3 TB/s)", 50e12, 3e12),):
+        est = total_flop / rate + total_bytes / bw
+        print(f"  extrapolated to {name}: ~{est:.0f} s ({total_flop / rate:.1f} s matmul + {total_bytes / bw:.1f} s "
+              f"weight streaming); not measured")
 
 
 if __name__ == "__main__":
