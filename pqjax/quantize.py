@@ -167,7 +167,8 @@ def quantize(params, calib_batch, *, config: QuantConfig = QuantConfig(), model_
             w, rows = w * sm[:, None], rows / sm[None]
         if rotate:
             w = block_hadamard(w, g, axis=0)
-        lin["kernel"] = formats.quantize(w, fmt, axis=0, group_size=None if fmt == "nvfp4" else g)
+        qt = formats.quantize(w, fmt, axis=0, group_size=None if fmt == "nvfp4" else g)
+        lin["kernel"] = dataclasses.replace(qt, dtype=jnp.dtype(lin["kernel"].dtype).name)  # dequantize() -> model dtype
         if modes[p] == "w4a4":
             amax = _act_amax_estimate(stats[tap_of.get(p, p)], rows, sm, rotate, g)
             lin["act_quant"] = ActQuant(global_scale=jnp.float32(amax / (6 * 448) if fmt == "nvfp4" else 1.0),
