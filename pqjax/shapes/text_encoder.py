@@ -1,0 +1,190 @@
+"""A small transformer text encoder for the shapes demo model (functional JAX: a config + a params pytree).
+
+    cfg = TextEncoderConfig()
+    params = init_params(cfg, jax.random.key(0))
+    hidden, pooled = encode(params, ids, mask)        # [B, T, hidden_dim], [B, pooled_dim]
+
+Architecture: token embedding + learned absolute positions, ``num_layers`` pre-LN transformer layers (bidirectional
+self-attention in which padding tokens are never attended to, GELU MLP), a final LayerNorm (its output is
+``encoder_hidden_states``, the FLUX ``joint_attention_dim`` input), then a masked mean over the real tokens and a
+linear projection to ``pooled_dim`` (the FLUX ``pooled_projection_dim`` input).
+
+Padding never reaches a real token or the pooled output: adding padding, or changing the ids at masked positions,
+leaves ``pooled`` and the hidden states of the real tokens unchanged. ``encode`` reads every size from the params,
+except the number of heads (``num_heads=``, default 2), so the config is mostly needed to build them and save/load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = dict[str, Any]
+
+_NEG = -1e9  # finite, so a row with no real token stays finite (its pooled output is the bias)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderConfig:
+    vocab_size: int = 64          # >= len(Tokenizer()) (the shapes vocabulary has ~30 words)
+    hidden_dim: int = 64          # D_txt: FLUX joint_attention_dim (a multiple of 64)
+    pooled_dim: int = 64          # D_pool: FLUX pooled_projection_dim (a multiple of 64)
+    num_layers: int = 2
+    num_heads: int = 2
+    mlp_ratio: int = 4
+    max_positions: int = 32       # longest sequence encode() accepts
+
+    def __post_init__(self):
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(f"hidden_dim={self.hidden_dim} must be divisible by num_heads={self.num_heads}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TextEncoderConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _dense(k_in, k_out):
+    return {"kernel": (k_in, k_out), "bias": (k_out,)}
+
+
+def _ln(d):
+    return {"scale": (d,), "bias": (d,)}
+
+
+def param_layout(c: TextEncoderConfig) -> Params:
+    D, M = c.hidden_dim, c.mlp_ratio * c.hidden_dim
+    layer = lambda: {"ln1": _ln(D), "qkv": _dense(D, 3 * D), "out": _dense(D, D),  # noqa: E731
+                     "ln2": _ln(D), "fc1": _dense(D, M), "fc2": _dense(M, D)}
+    return {"token_embedding": {"embedding": (c.vocab_size, D)},
+            "position_embedding": {"embedding": (c.max_positions, D)},
+            "layers": {str(i): layer() for i in range(c.num_layers)},
+            "final_ln": _ln(D),
+            "pooled_proj": _dense(D, c.pooled_dim)}
+
+
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
+
+def init_params(c: TextEncoderConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
+    """Normal(0, std) kernels and embeddings, zero biases, unit LayerNorm scales; ``fc2``/``out`` scaled down by
+    sqrt(2 * num_layers) (GPT-2 style)."""
+    layout = param_layout(c)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(layout, is_leaf=_is_shape)
+    keys = jax.random.split(key, len(flat))
+    out = []
+    for (path, shape), k in zip(flat, keys):
+        names = [p.key for p in path]
+        if names[-1] == "scale":
+            out.append(jnp.ones(shape, dtype))
+        elif names[-1] == "bias":
+            out.append(jnp.zeros(shape, dtype))
+        else:
+            s = std / np.sqrt(2 * c.num_layers) if names[-2] in ("out", "fc2") else std
+            out.append((s * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _layer_norm(p, x, eps=1e-5):
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _dense_apply(p, x):
+    return x @ p["kernel"] + p["bias"]
+
+
+def encode(params: Params, ids, mask, *, num_heads: int = TextEncoderConfig.num_heads) -> tuple[jax.Array, jax.Array]:
+    """``(encoder_hidden_states [B, T, hidden_dim], pooled [B, pooled_dim])`` for ``ids`` int [B, T] and ``mask``
+    bool [B, T] (True on real tokens, as ``Tokenizer.encode`` returns). Differentiable in ``params``."""
+    ids = jnp.asarray(ids, jnp.int32)
+    mask = jnp.asarray(mask, bool)
+    B, T = ids.shape
+    if T > params["position_embedding"]["embedding"].shape[0]:
+        raise ValueError(f"text encoder: sequence length {T} > max_positions "
+                         f"{params['position_embedding']['embedding'].shape[0]}")
+    x = params["token_embedding"]["embedding"][ids] + params["position_embedding"]["embedding"][:T][None]
+    D = x.shape[-1]
+    hd = D // num_heads
+    bias = jnp.where(mask, 0.0, _NEG)[:, None, None, :]  # keys: pads are never attended to
+    for i in range(len(params["layers"])):
+        p = params["layers"][str(i)]
+        h = _layer_norm(p["ln1"], x)
+        q, k, v = jnp.split(_dense_apply(p["qkv"], h), 3, axis=-1)
+        q, k, v = (a.reshape(B, T, num_heads, hd) for a in (q, k, v))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd) + bias
+        o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v).reshape(B, T, D)
+        x = x + _dense_apply(p["out"], o)
+        h = _layer_norm(p["ln2"], x)
+        x = x + _dense_apply(p["fc2"], jax.nn.gelu(_dense_apply(p["fc1"], h), approximate=True))
+    hidden = _layer_norm(params["final_ln"], x)
+    m = mask.astype(hidden.dtype)[..., None]
+    mean = jnp.sum(hidden * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+    return hidden, _dense_apply(params["pooled_proj"], mean)
+
+
+# ----------------------------------------------------------------------------------------------
+# Save / load: safetensors (dotted keys) + config.json
+# ----------------------------------------------------------------------------------------------
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def flatten(params: Params, prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in params.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, name + "."))
+        else:
+            out[name] = np.ascontiguousarray(np.asarray(v, np.float32))
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> Params:
+    tree: Params = {}
+    for name, v in flat.items():
+        node = tree
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree
+
+
+def save(folder, config: TextEncoderConfig, params: Params) -> None:
+    """Write ``folder/config.json`` and ``folder/model.safetensors`` (float32)."""
+    from safetensors.numpy import save_file
+
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, CONFIG), "w") as f:
+        json.dump({"_class_name": "ShapesTextEncoder", **config.to_dict()}, f, indent=2)
+    save_file(flatten(params), os.path.join(folder, WEIGHTS), metadata={"format": "np"})
+
+
+def load(folder, dtype=jnp.float32) -> tuple[TextEncoderConfig, Params]:
+    from safetensors.numpy import load_file
+
+    folder = os.fspath(folder)
+    with open(os.path.join(folder, CONFIG)) as f:
+        config = TextEncoderConfig.from_dict(json.load(f))
+    flat = load_file(os.path.join(folder, WEIGHTS))
+    params = unflatten({k: jnp.asarray(v, dtype) for k, v in flat.items()})
+    want = jax.tree.map(lambda s: s, param_layout(config), is_leaf=_is_shape)
+    got = jax.tree.map(lambda a: tuple(a.shape), params)
+    if jax.tree.structure(want, is_leaf=_is_shape) != jax.tree.structure(got, is_leaf=_is_shape) or \
+            jax.tree.leaves(want, is_leaf=_is_shape) != jax.tree.leaves(got, is_leaf=_is_shape):
+        raise ValueError(f"{folder}: text encoder weights do not match its config.json")
+    return config, params
