@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pqjax.models import flux
+from pqjax.models.common import is_shape
 from pqjax.pipeline import pack_latents, prepare_img_ids, prepare_txt_ids
 from pqjax.shapes import Tokenizer, make_dataset
 from pqjax.shapes import text_encoder as te
@@ -42,7 +43,7 @@ def test_image_latent_exact_inverse_and_shapes():
     np.testing.assert_array_equal(np.asarray(tokens), np.asarray(pack_latents(lat)))
     np.testing.assert_array_equal(td.tokens_to_image(tokens), images)
     # every quantizable K is a multiple of 64
-    for path, shape in jax.tree_util.tree_flatten_with_path(flux.param_layout(fc), is_leaf=flux._is_shape)[0]:
+    for path, shape in jax.tree_util.tree_flatten_with_path(flux.param_layout(fc), is_leaf=is_shape)[0]:
         if path[-1].key == "kernel":
             assert shape[0] % 64 == 0, (path, shape)
 

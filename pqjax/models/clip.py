@@ -13,9 +13,9 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from pqjax.models.common import (ACTIVATIONS, activation, affine_layer_norm, attention_with_bias, embed,
+from pqjax.models.common import (ACTIVATIONS, activation, affine_layer_norm, embed,
                                  random_params)
-from pqjax.models.layers import dense
+from pqjax.models.layers import attention, dense
 
 Params = dict[str, Any]
 
@@ -87,7 +87,7 @@ def _layer(c: CLIPTextConfig, p: Params, x: jax.Array, causal_bias: jax.Array) -
     h = affine_layer_norm(p["layer_norm1"], x, c.layer_norm_eps)
     a = p["self_attn"]
     heads = lambda t: t.reshape(*t.shape[:-1], c.num_attention_heads, c.head_dim)
-    o = attention_with_bias(heads(dense(a["q_proj"], h)), heads(dense(a["k_proj"], h)), heads(dense(a["v_proj"], h)),
+    o = attention(heads(dense(a["q_proj"], h)), heads(dense(a["k_proj"], h)), heads(dense(a["v_proj"], h)),
                             causal_bias)
     x = x + dense(a["out_proj"], o.reshape(*o.shape[:2], -1))
     h = affine_layer_norm(p["layer_norm2"], x, c.layer_norm_eps)

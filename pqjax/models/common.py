@@ -6,7 +6,6 @@ an additive attention bias (CLIP's causal mask, T5's relative position bias) and
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import jax
@@ -57,22 +56,6 @@ def affine_layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
 def embed(p: dict, ids: jax.Array) -> jax.Array:
     """Embedding lookup (``nn.Embedding``); ids must be in range (checked by the callers on the host)."""
     return jnp.take(p["embedding"], ids, axis=0)
-
-
-def attention_with_bias(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
-                        scale: float | None = None) -> jax.Array:
-    """``softmax(q k^T * scale + bias) v`` with [B, S, H, D] in and out; ``bias`` broadcasts to [B, H, Sq, Sk].
-
-    ``scale`` defaults to ``1/sqrt(D)``; logits and softmax in fp32.
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    if scale != 1.0:
-        logits = logits * scale
-    if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
 def is_shape(x) -> bool:

@@ -13,6 +13,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from pqjax.models.common import is_shape
+
 Params = dict[str, Any]
 
 
@@ -132,27 +134,22 @@ def param_layout(config: FluxConfig) -> Params:
     }
 
 
-def _is_shape(x) -> bool:
-    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
-
-
 def param_shapes(config: FluxConfig, dtype=jnp.bfloat16) -> Params:
     """``jax.ShapeDtypeStruct`` pytree of the parameters (no allocation)."""
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_layout(config), is_leaf=_is_shape)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_layout(config), is_leaf=is_shape)
 
 
 def init_params(config: FluxConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
-    """Random parameters (normal(0, std) kernels/biases, unit RMSNorm scales); for tests and demos."""
+    """Random parameters (normal(0, std) kernels/biases, unit RMSNorm scales); for tests, demos and training.
+
+    Drawn with ``jax.random`` so it traces under ``jax.jit`` (unlike ``common.random_params``, which draws on the host
+    to avoid compiling a sampler per shape when called eagerly)."""
     layout = param_layout(config)
-    leaves, treedef = jax.tree.flatten(layout, is_leaf=_is_shape)
-    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(layout, is_leaf=_is_shape)[0]]
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for path, shape, k in zip(paths, leaves, keys):
-        if path[-1].key == "scale":
-            out.append(jnp.ones(shape, dtype))
-        else:
-            out.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(layout, is_leaf=is_shape)
+    keys = jax.random.split(key, len(flat))
+    out = [jnp.ones(shape, dtype) if path[-1].key == "scale"
+           else (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+           for (path, shape), k in zip(flat, keys)]
     return jax.tree.unflatten(treedef, out)
 
 

@@ -107,9 +107,15 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Scaled dot-product attention, [B, S, H, D] in and out, softmax in fp32."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None,
+              scale: float | None = None) -> jax.Array:
+    """``softmax(q k^T * scale + bias) v``, [B, S, H, D] in and out; ``bias`` broadcasts to [B, H, Sq, Sk] (T5's
+    relative positions, CLIP's causal mask); ``scale`` defaults to ``1/sqrt(D)``. Logits and softmax in fp32."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if scale != 1.0:
+        logits = logits * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)

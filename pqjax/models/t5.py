@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pqjax.models.common import ACTIVATIONS, activation, attention_with_bias, embed, random_params
-from pqjax.models.layers import dense, rms_norm
+from pqjax.models.common import ACTIVATIONS, activation, embed, random_params
+from pqjax.models.layers import attention, dense, rms_norm
 
 Params = dict[str, Any]
 
@@ -112,7 +112,7 @@ def _block(c: T5EncoderConfig, p: Params, x: jax.Array, position_bias: jax.Array
     h = rms_norm(sa["layer_norm"], x, c.layer_norm_epsilon)
     a = sa["SelfAttention"]
     heads = lambda t: t.reshape(*t.shape[:-1], c.num_heads, c.d_kv)
-    o = attention_with_bias(heads(dense(a["q"], h)), heads(dense(a["k"], h)), heads(dense(a["v"], h)),
+    o = attention(heads(dense(a["q"], h)), heads(dense(a["k"], h)), heads(dense(a["v"], h)),
                             position_bias, scale=1.0)
     x = x + dense(a["o"], o.reshape(*o.shape[:2], -1))
 

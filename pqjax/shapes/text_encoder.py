@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from pqjax.models.common import is_shape
 
 Params = dict[str, Any]
 
@@ -71,15 +72,11 @@ def param_layout(c: TextEncoderConfig) -> Params:
             "pooled_proj": _dense(D, c.pooled_dim)}
 
 
-def _is_shape(x) -> bool:
-    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
-
-
 def init_params(c: TextEncoderConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
     """Normal(0, std) kernels and embeddings, zero biases, unit LayerNorm scales; ``fc2``/``out`` scaled down by
     sqrt(2 * num_layers) (GPT-2 style)."""
     layout = param_layout(c)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(layout, is_leaf=_is_shape)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(layout, is_leaf=is_shape)
     keys = jax.random.split(key, len(flat))
     out = []
     for (path, shape), k in zip(flat, keys):
@@ -182,9 +179,9 @@ def load(folder, dtype=jnp.float32) -> tuple[TextEncoderConfig, Params]:
         config = TextEncoderConfig.from_dict(json.load(f))
     flat = load_file(os.path.join(folder, WEIGHTS))
     params = unflatten({k: jnp.asarray(v, dtype) for k, v in flat.items()})
-    want = jax.tree.map(lambda s: s, param_layout(config), is_leaf=_is_shape)
+    want = jax.tree.map(lambda s: s, param_layout(config), is_leaf=is_shape)
     got = jax.tree.map(lambda a: tuple(a.shape), params)
-    if jax.tree.structure(want, is_leaf=_is_shape) != jax.tree.structure(got, is_leaf=_is_shape) or \
-            jax.tree.leaves(want, is_leaf=_is_shape) != jax.tree.leaves(got, is_leaf=_is_shape):
+    if jax.tree.structure(want, is_leaf=is_shape) != jax.tree.structure(got, is_leaf=is_shape) or \
+            jax.tree.leaves(want, is_leaf=is_shape) != jax.tree.leaves(got, is_leaf=is_shape):
         raise ValueError(f"{folder}: text encoder weights do not match its config.json")
     return config, params
