@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default: DemoModelConfig's)")
     ap.add_argument("--heads", type=int, default=None, help="attention heads (head dim 64)")
+    ap.add_argument("--decay", action=argparse.BooleanOptionalAction, default=True,
+                    help="cosine-decay the learning rate to 0 over --steps (default on)")
+    ap.add_argument("--checkpoint-every", type=int, default=0, help="also save OUT/checkpoints/step_N every N steps")
     ap.add_argument("--captions", type=int, default=8, help="held-out captions in the grid")
     ap.add_argument("--samples", type=int, default=4, help="noise seeds per caption")
     ap.add_argument("--sample-steps", type=int, default=20)
@@ -50,19 +53,26 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, learning_rate=args.lr)
     if args.heads is not None:
         cfg = dataclasses.replace(cfg, num_attention_heads=args.heads)
+    if args.decay:
+        cfg = dataclasses.replace(cfg, decay_steps=max(1, args.steps - cfg.warmup_steps))
+    model_dir = args.out / "model"
+    if model_dir.exists():
+        raise SystemExit(f"{model_dir} exists; choose another --out")
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"transformer: {cfg.flux}\ntext encoder: {cfg.text}", flush=True)
 
     losses: list[float] = []
     t0 = time.perf_counter()
-    state = td.train(args.seed, args.steps, args.batch, args.log_every, config=cfg, losses=losses)
+
+    def checkpoint(state):
+        td.save(state, args.out / "checkpoints" / f"step_{int(state.step)}")
+
+    state = td.train(args.seed, args.steps, args.batch, args.log_every, config=cfg, losses=losses,
+                     callback=checkpoint, callback_every=args.checkpoint_every)
     dt = time.perf_counter() - t0
     print(f"trained {args.steps} steps in {dt:.1f} s ({dt / max(1, args.steps):.3f} s/step incl. compile)")
     (args.out / "losses.txt").write_text("".join(f"{i + 1} {v:.6f}\n" for i, v in enumerate(losses)))
 
-    model_dir = args.out / "model"
-    if model_dir.exists():
-        raise SystemExit(f"{model_dir} exists; choose another --out")
     td.save(state, model_dir)
 
     refs, captions, _ = make_dataset(args.captions, seed=td.HELDOUT_SEED)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import time
 
+import jax
+import numpy as np
+
 from pqjax.shapes import make_dataset
 from pqjax.shapes import classifier as C
 
@@ -20,6 +23,8 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=32, choices=(32, 64))
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--augment", type=float, default=0.5,
+                    help="fraction of each batch corrupted by classifier.augment (noise, blur, shift, colour)")
     ap.add_argument("--eval-n", type=int, default=2000)
     ap.add_argument("--eval-seed", type=int, default=424242)
     ap.add_argument("--log-every", type=int, default=100)
@@ -28,14 +33,16 @@ def main(argv=None):
 
     t0 = time.time()
     params = C.train(seed=args.seed, steps=args.steps, batch=args.batch, size=args.size, lr=args.lr,
-                     log_every=args.log_every)
+                     log_every=args.log_every, augment_fraction=args.augment)
     train_s = time.time() - t0
     images, _, scenes = make_dataset(args.eval_n, seed=args.eval_seed, size=args.size)
     acc = C.evaluate(params, images, scenes)
+    noisy = np.asarray(C.augment(jax.random.PRNGKey(args.eval_seed), images))
+    acc_aug = C.evaluate(params, noisy, scenes)
     print(f"trained {args.steps} steps x batch {args.batch} at {args.size}px in {train_s:.1f}s")
-    print(f"held-out accuracy on {args.eval_n} images:")
+    print(f"held-out accuracy on {args.eval_n} images (clean | augmented):")
     for k, v in acc.items():
-        print(f"  {k:9s} {100 * v:6.2f}%")
+        print(f"  {k:9s} {100 * v:6.2f}%  {100 * acc_aug[k]:6.2f}%")
     if args.out:
         C.save(params, args.out)
         print(f"saved {args.out}")

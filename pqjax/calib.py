@@ -29,6 +29,8 @@ class CalibBatch:
     """Calibration inputs: prompt embeddings and the sampler settings whose trajectory is calibrated on.
 
     ``latents`` (packed initial noise ``[B, N_img, in_channels]``) default to seeded normal noise for the image size.
+    ``scheduler_config`` (default FLUX.1-dev's) and ``vae_scale_factor`` (pixels per latent, default 8) should be
+    what the model is sampled with, so the calibrated trajectory is the one inference visits.
     """
 
     encoder_hidden_states: jax.Array
@@ -39,6 +41,8 @@ class CalibBatch:
     guidance_scale: float = 3.5
     latents: jax.Array | None = None
     seed: int = 0
+    scheduler_config: FlowMatchConfig | None = None
+    vae_scale_factor: int = 8
 
     @classmethod
     def coerce(cls, batch) -> "CalibBatch":
@@ -124,7 +128,7 @@ def _print_progress(step, n, _anchor):
 
 
 def calibrate(config: FluxConfig, params, calib_batch, *, taps: Sequence[str], num_rows: int = 256, seed: int = 0,
-              scheduler_config: FlowMatchConfig = FlowMatchConfig(), progress: bool = False) -> dict[str, SiteStats]:
+              scheduler_config: FlowMatchConfig | None = None, progress: bool = False) -> dict[str, SiteStats]:
     """Collect :class:`SiteStats` for the inputs of the linears named in ``taps`` (module paths).
 
     Runs the float model over ``calib_batch``'s sampler trajectory in one jit. ``num_rows`` rows per tap are sampled
@@ -140,7 +144,8 @@ def calibrate(config: FluxConfig, params, calib_batch, *, taps: Sequence[str], n
     if pooled.shape != (ctx.shape[0], config.pooled_projection_dim):
         raise ValueError(f"calib_batch.pooled_projections must be [{ctx.shape[0]}, {config.pooled_projection_dim}] "
                          f"for this model, got {tuple(pooled.shape)}")
-    h, w = latent_size(b.height, b.width)
+    scheduler_config = scheduler_config or b.scheduler_config or FlowMatchConfig()
+    h, w = latent_size(b.height, b.width, b.vae_scale_factor)
     n_img = (h // 2) * (w // 2)
     latents = b.latents
     if latents is None:

@@ -1,34 +1,38 @@
-"""`pqjax demo`: the README's main job on the embedded default model.
+"""`pqjax demo`: the README's main job, on the shipped demo model.
 
-Builds the seeded default model (a tiny FLUX-architecture transformer with realistic heavy-tailed channel statistics,
-``pqjax.models.synthetic``), writes it in diffusers format, loads it back through ``converters.load_flux``, samples it
-with the jitted flow-matching sampler, quantizes it with RTN / PermuQuant / PermuQuant-H at NVFP4 and INT3, samples
-each quantized model on the same prompts and seeds, and writes a PNG grid (float | each method) and a short report.
+Loads the demo text-to-image model that ships inside the package (a small FLUX transformer trained on procedural
+shapes by ``examples/train_demo_model.py``, stored as a diffusers folder and read through ``converters.load_flux``),
+samples it on a few captions with the jitted flow-matching sampler, quantizes it with RTN / PermuQuant /
+PermuQuant-H at NVFP4 and INT3, samples each quantized model on the same captions and noise, reads every image back
+with the ShapeEval classifier, and writes a PNG grid (float | each variant) and a report.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import shutil
 import sys
 import time
 
 DEFAULT_VARIANTS = ("nvfp4:rtn", "nvfp4:permuquant", "nvfp4:permuquant-h", "int3:rtn", "int3:permuquant",
                     "int3:permuquant-h")
+DEFAULT_CAPTIONS = ("a red circle on the left", "two large blue squares", "a small yellow triangle at the top",
+                    "a green square at the top and a purple circle at the bottom", "a large orange circle",
+                    "a cyan triangle on the left and a pink square on the right")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("demo", help="quantize and sample the embedded default model; write a PNG grid and report",
+    p = sub.add_parser("demo", help="quantize and sample the shipped demo model; write a PNG grid and report",
                        description=__doc__)
     p.add_argument("--out", default="pqjax-demo", help="output folder (default: ./pqjax-demo)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model, prompts and noise")
-    p.add_argument("--steps", type=int, default=8, help="denoising steps")
-    p.add_argument("--size", type=int, default=128, help="image size in pixels (multiple of 16)")
-    p.add_argument("--prompts", type=int, default=2, help="number of (random-embedding) prompts")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
+    p.add_argument("--captions", default=None,
+                   help="';'-separated captions in the shapes grammar (default: six built-in ones), e.g. "
+                        "'a red circle on the left;two green triangles'")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help="comma-separated format:method pairs (default: %(default)s); empty for float only")
+    p.add_argument("--model", default=None, help="demo model folder (default: the shipped one)")
     return p
 
 
@@ -37,23 +41,31 @@ def _log(args, msg):
         print(msg, file=sys.stderr, flush=True)
 
 
-def latents_to_rgb(latents, size: int):
-    """Final packed latents [B, N, 64] -> uint8 RGB [B, size, size, 3] (first 3 VAE channels, per-image min/max)."""
-    import numpy as np
+def check_captions(captions: list[str]) -> None:
+    """Raise CommandError naming the caption and word when a word is outside the demo model's vocabulary."""
+    from pqjax.cli import CommandError
+    from pqjax.shapes import MAX_CAPTION_WORDS, Tokenizer
+    from pqjax.shapes.tokenizer import split_words
 
-    from pqjax.pipeline import unpack_latents
-    lat = np.asarray(unpack_latents(latents, size, size), np.float32)[:, :3]  # [B, 3, size/8, size/8]
-    lo = lat.min(axis=(1, 2, 3), keepdims=True)
-    hi = lat.max(axis=(1, 2, 3), keepdims=True)
-    img = ((lat - lo) / np.maximum(hi - lo, 1e-8) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
-    return img.repeat(8, axis=1).repeat(8, axis=2)
+    vocab = Tokenizer().vocab
+    if not captions:
+        raise CommandError("--captions: no captions given")
+    for c in captions:
+        words = split_words(c)
+        unknown = [w for w in words if w not in vocab]
+        if unknown:
+            raise CommandError(f"--captions: {c!r}: word(s) {unknown} are not in the demo model's vocabulary "
+                               f"({', '.join(w for w in vocab if not w.startswith('<'))})")
+        if not words or len(words) > MAX_CAPTION_WORDS:
+            raise CommandError(f"--captions: {c!r} has {len(words)} words; expected 1..{MAX_CAPTION_WORDS}")
 
 
-def write_grid(path, columns: list, labels: list[str]):
-    """columns: list of [B, H, W, 3] uint8 arrays -> one PNG, rows = prompts, columns = models (labels on top)."""
+def write_grid(path, columns: list, labels: list[str], scale: int = 4):
+    """columns: list of [B, H, W, 3] uint8 arrays -> one PNG, rows = captions, columns = models (labels on top)."""
     import numpy as np
     from PIL import Image, ImageDraw
 
+    columns = [np.asarray(c).repeat(scale, axis=1).repeat(scale, axis=2) for c in columns]
     b, h, w, _ = columns[0].shape
     pad, top = 4, 14
     grid = np.full((top + b * (h + pad), len(columns) * (w + pad), 3), 255, np.uint8)
@@ -73,100 +85,110 @@ def run(args) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    import converters
     import pqjax
     from pqjax.cli import CommandError
     from pqjax.formats import nbytes
-    from pqjax.models import synthetic
-    from pqjax.models.flux import FluxConfig
-    from pqjax.pipeline import sample
+    from pqjax.shapes import assets, classifier, train_dit as td
+    from pqjax.shapes.benchmark import calib_batch, psnr_uint8
 
-    if args.size % 16:
-        raise CommandError(f"--size must be a multiple of 16, got {args.size}")
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         fmt, _, method = v.partition(":")
         if fmt not in pqjax.formats.FORMATS or method not in pqjax.METHODS:
             raise CommandError(f"bad variant {v!r}: expected format:method with format in {pqjax.formats.FORMATS} "
                                f"and method in {pqjax.METHODS}")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.steps < 1:
+        raise CommandError(f"--steps must be >= 1, got {args.steps}")
+    captions = list(DEFAULT_CAPTIONS) if args.captions is None else [c.strip() for c in args.captions.split(";")
+                                                                     if c.strip()]
+    check_captions(captions)
     t_all = time.perf_counter()
     times = {}
 
-    # 1. the default model, written in diffusers format and read back through the real converter
+    # 1. the shipped model (diffusers transformer folder + text encoder + tokenizer) and classifier
     t0 = time.perf_counter()
-    cfg = FluxConfig.tiny(num_attention_heads=4)
-    model_dir = out / "model"
-    if model_dir.exists():
-        shutil.rmtree(model_dir)  # the demo owns this folder
-    converters.save_diffusers(model_dir, cfg, synthetic.outlier_params(cfg, seed=args.seed))
-    cfg, params = converters.load_flux(model_dir, dtype=jnp.float32)
-    times["write + load model"] = time.perf_counter() - t0
-    _log(args, f"pqjax demo: default model (D={cfg.inner_dim}, {cfg.num_layers} double + {cfg.num_single_layers} "
-               f"single blocks) written to {model_dir} and loaded back")
+    try:
+        state = assets.load_demo_model(args.model)
+        cls = assets.load_shapeeval()
+    except (FileNotFoundError, ValueError) as e:
+        raise CommandError(str(e)) from None
+    cfg = state.config.flux
+    times["load model"] = time.perf_counter() - t0
+    _log(args, f"pqjax demo: demo model (D={cfg.inner_dim}, {cfg.num_layers} double + {cfg.num_single_layers} single "
+               f"blocks, trained {int(state.step)} steps) from {args.model or assets.DEMO_MODEL}")
 
-    # 2. prompts (random embeddings: the default model has no text encoder yet) and seeded noise
-    r = np.random.default_rng(args.seed + 1)
-    n_img = (args.size // 16) ** 2
-    ctx = jnp.asarray(r.standard_normal((args.prompts, 16, cfg.joint_attention_dim)), jnp.float32)
-    pooled = jnp.asarray(r.standard_normal((args.prompts, cfg.pooled_projection_dim)), jnp.float32)
-    lat = jax.random.normal(jax.random.key(args.seed), (args.prompts, n_img, cfg.in_channels), jnp.float32)
+    def sample(transformer=None):
+        lat = td.generate_latents(state, captions, seed=args.seed, steps=args.steps, transformer=transformer)
+        return lat, td.tokens_to_image(jnp.asarray(lat))
 
-    def run_sampler(p):
-        return np.asarray(sample(cfg, p, latents=lat, encoder_hidden_states=ctx, pooled_projections=pooled,
-                                 num_inference_steps=args.steps, height=args.size, width=args.size))
+    def read(images):
+        return [_describe(a) for a in classifier.predict_attributes(cls, images)]
 
     t0 = time.perf_counter()
-    ref = run_sampler(params)
+    ref_lat, ref_img = sample()
     times["float sample (incl. compile)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    run_sampler(params)
+    sample()
     times["float sample (jitted)"] = time.perf_counter() - t0
+    seen = {"float": read(ref_img)}
 
-    # 3. quantize with each method, sample the same prompts and seeds
-    rc = np.random.default_rng(args.seed + 2)
-    calib = pqjax.CalibBatch(jnp.asarray(rc.standard_normal((4, 16, cfg.joint_attention_dim)), jnp.float32),
-                             jnp.asarray(rc.standard_normal((4, cfg.pooled_projection_dim)), jnp.float32),
-                             height=args.size, width=args.size, num_inference_steps=4, seed=args.seed + 3)
-    columns, labels, rows = [latents_to_rgb(ref, args.size)], ["float"], []
+    # 2. quantize with each method, sample the same captions and noise
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    calib = calib_batch(state, steps=args.steps) if variants else None
+    columns, labels, rows = [ref_img], ["float"], []
     for v in variants:
         fmt, _, method = v.partition(":")
         t0 = time.perf_counter()
-        q, rep = pqjax.quantize(params, calib, config=pqjax.QuantConfig(format=fmt, method=method),
-                                model_config=cfg, progress=False)
+        q, rep = pqjax.quantize(state.params["transformer"], calib,
+                                config=pqjax.QuantConfig(format=fmt, method=method), model_config=cfg,
+                                progress=False)
         tq = time.perf_counter() - t0
-        y = run_sampler(q)
-        err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
-        e_sum = sum(s.e_best for s in rep.sites)
-        rows.append(dict(variant=v, latent_rel_err=err, sum_site_E=e_sum,
-                         accepted=sum(s.accepted for s in rep.sites), sites=len(rep.sites),
-                         param_bytes=int(nbytes(q)), quantize_s=tq))
-        columns.append(latents_to_rgb(y, args.size))
+        lat, img = sample(q)
+        err = float(np.linalg.norm(lat - ref_lat) / np.linalg.norm(ref_lat))
+        seen[v] = read(img)
+        rows.append(dict(variant=v, latent_rel_err=err, psnr=psnr_uint8(img, ref_img),
+                         sum_site_E=sum(s.e_best for s in rep.sites), accepted=sum(s.accepted for s in rep.sites),
+                         sites=len(rep.sites), param_bytes=int(nbytes(q)), quantize_s=tq))
+        columns.append(img)
         labels.append(v.replace("permuquant", "PQ"))
-        _log(args, f"pqjax demo: {v:<20} final-latent rel. error {err:.4f}  ({rows[-1]['accepted']}/{len(rep.sites)} "
-                   f"permutations accepted, quantized in {tq:.1f}s)")
+        _log(args, f"pqjax demo: {v:<20} final-latent rel. error {err:.4f}, PSNR {rows[-1]['psnr']:.2f} dB "
+                   f"({rows[-1]['accepted']}/{len(rep.sites)} permutations accepted, quantized in {tq:.1f}s)")
 
-    # 4. outputs
+    # 3. outputs
     grid = out / "grid.png"
     write_grid(grid, columns, labels)
-    float_bytes = int(nbytes(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), params)))
+    float_bytes = int(nbytes(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16),
+                                          state.params["transformer"])))
     times["total"] = time.perf_counter() - t_all
     lines = ["# pqjax demo report", "",
-             f"Default model: seeded synthetic FLUX (D={cfg.inner_dim}), {args.prompts} prompts, {args.steps} steps, "
-             f"{args.size}x{args.size} px, seed {args.seed}; device {jax.devices()[0].device_kind}.", "",
-             "| variant | final-latent rel. error vs float | sum of site E | permutations | param bytes (vs bf16) |",
-             "|---|---|---|---|---|",
-             f"| float (bf16 storage) | 0 | - | - | {float_bytes} (1.00x) |"]
+             f"Shipped demo model (D={cfg.inner_dim}, 32x32 pixel space), {len(captions)} captions, {args.steps} "
+             f"steps, noise seed {args.seed}; device {jax.devices()[0].device_kind}. Grid: {grid.name} (rows = "
+             "captions, columns = float then each variant).", "",
+             "| variant | final-latent rel. error vs float | PSNR vs float (dB) | sum of site E | permutations | "
+             "param bytes (vs bf16) |",
+             "|---|---|---|---|---|---|",
+             f"| float (bf16 storage) | 0 | inf | - | - | {float_bytes} (1.00x) |"]
     for rw in rows:
-        lines.append(f"| {rw['variant']} | {rw['latent_rel_err']:.4f} | {rw['sum_site_E']:.4g} | "
+        lines.append(f"| {rw['variant']} | {rw['latent_rel_err']:.4f} | {rw['psnr']:.2f} | {rw['sum_site_E']:.4g} | "
                      f"{rw['accepted']}/{rw['sites']} | {rw['param_bytes']} ({float_bytes / rw['param_bytes']:.2f}x "
-                     f"smaller) |")
+                     "smaller) |")
+    lines += ["", "What the ShapeEval classifier reads in each image:", "",
+              "| caption | " + " | ".join(seen) + " |", "|---" * (len(seen) + 1) + "|"]
+    for i, c in enumerate(captions):
+        lines.append(f"| {c} | " + " | ".join(seen[k][i] for k in seen) + " |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in times.items()), "",
-              "The tiny model keeps embedders, norm_out and proj_out in 16 bits (default rules), so its packed size "
-              "ratio is below the full-size FLUX.1-dev ratio reported by `pqjax bench --memory`."]
+              "The demo model keeps its embedders and final layer in 16 bits (default rules); they weigh more in a "
+              "model this small, so its packed size ratio is below the FLUX.1-dev ratio of `pqjax bench --memory`. "
+              "Full-scale ShapeEval numbers for every method: docs/RESULTS.md."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "report.json").write_text(json.dumps(dict(variants=rows, times=times, float_bytes=float_bytes), indent=2))
+    (out / "report.json").write_text(json.dumps(dict(captions=captions, variants=rows, read=seen, times=times,
+                                                     float_bytes=float_bytes), indent=2))
     print("\n".join(lines))
-    print(f"\nwrote {grid}, {out / 'report.md'}, {out / 'report.json'} ({os.fspath(model_dir)} holds the model)")
+    print(f"\nwrote {grid}, {out / 'report.md'}, {out / 'report.json'}")
     return 0
+
+
+def _describe(attrs: dict) -> str:
+    """Classifier output -> a short caption-like string ("red circle left + blue square right")."""
+    return " + ".join(f"{o['size']} {o['color']} {o['shape']} {o['position']}" for o in attrs["objects"])

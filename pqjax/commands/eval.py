@@ -1,4 +1,9 @@
-"""``pqjax eval FLOAT QUANT``: the quantized model against its float original on the same seeds and prompts."""
+"""``pqjax eval FLOAT QUANT``: the quantized model against its float original on the same seeds and prompts.
+
+``pqjax eval --shapeeval [MODEL ...]``: GenEval-style accuracy (``pqjax.shapes.shapeeval``) of the shipped demo
+model, float and each ``--variants`` quantization (and any MODEL: pqjax checkpoints of the demo transformer), with
+the final-latent error and PSNR of each against float.
+"""
 from __future__ import annotations
 
 import json
@@ -17,8 +22,21 @@ def add_parser(sub):
                     "latents' relative error, PSNR and SSIM of the quantized result against the float one (on "
                     "decoded images when a VAE is available, else on the unpacked latents; the output says which), "
                     "and each quantized site's output error. Writes JSON and a markdown table.")
-    p.add_argument("float", metavar="FLOAT", help="float model: pqjax checkpoint or FLUX weights")
-    p.add_argument("quant", metavar="QUANT", help="quantized model: pqjax checkpoint or pqjax .safetensors")
+    p.add_argument("float", metavar="FLOAT", nargs="?",
+                   help="float model: pqjax checkpoint or FLUX weights (with --shapeeval: a MODEL, see there)")
+    p.add_argument("quant", metavar="QUANT", nargs="?",
+                   help="quantized model: pqjax checkpoint or pqjax .safetensors (with --shapeeval: a MODEL)")
+    s = p.add_argument_group("ShapeEval (the shipped demo text-to-image model)")
+    s.add_argument("--shapeeval", action="store_true",
+                   help="score the demo model on ShapeEval (GenEval-style: single object, two objects, counting, "
+                        "colors, position, color attribution): float, each --variants quantization, and the "
+                        "MODELs given as positionals (pqjax checkpoints or weights of the demo transformer)")
+    s.add_argument("--variants", default="",
+                   help="comma-separated format:method pairs to quantize the demo model with and score, e.g. "
+                        "nvfp4:rtn,nvfp4:permuquant (default: none)")
+    s.add_argument("--per-task", type=int, default=50, help="prompts per ShapeEval task (default: 50)")
+    s.add_argument("--demo-model", metavar="FOLDER", help="demo model folder (default: the shipped one)")
+    s.add_argument("--classifier", metavar="FILE", help="ShapeEval classifier .npz (default: the shipped one)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line (encoded with the text "
                                                      "encoders of --components)")
@@ -29,13 +47,95 @@ def add_parser(sub):
                         "(metrics on decoded images) and the scheduler (default: FLOAT when it is a pipeline folder)")
     p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens per prompt (default: 512)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], metavar="SEED", help="noise seeds (default: 0 1)")
-    p.add_argument("--steps", type=int, default=28, help="sampler steps (default: 28)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 28; 20 with --shapeeval)")
     p.add_argument("--size", default="256", metavar="HxW", help="image size in pixels, N or HxW (default: 256)")
     p.add_argument("--guidance-scale", type=float, default=3.5, help="embedded guidance (default: 3.5)")
     p.add_argument("--no-sites", action="store_true", help="skip the per-site errors")
-    p.add_argument("--json", default="eval.json", metavar="FILE", help="JSON output (default: eval.json)")
-    p.add_argument("--markdown", default="eval.md", metavar="FILE", help="markdown output (default: eval.md)")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="JSON output (default: eval.json; shapeeval.json with --shapeeval)")
+    p.add_argument("--markdown", default=None, metavar="FILE",
+                   help="markdown output (default: eval.md; shapeeval.md with --shapeeval)")
     return p
+
+
+def run_shapeeval(args) -> int:
+    import json as _json
+
+    import jax.numpy as jnp
+
+    from pqjax.checkpoint import CheckpointError, load_model
+    from pqjax.cli import CommandError
+    from pqjax.config import METHODS
+    from pqjax.formats import FORMATS
+    from pqjax.shapes import assets, shapeeval
+    from pqjax.shapes import benchmark as B
+
+    t0 = time.perf_counter()
+    steps = 20 if args.steps is None else args.steps
+    if steps < 1:
+        raise CommandError(f"--steps must be >= 1, got {steps}")
+    if args.per_task < 1:
+        raise CommandError(f"--per-task must be >= 1, got {args.per_task}")
+    if args.prompts or args.embeds or args.components:
+        raise CommandError("--shapeeval uses its own prompts and the demo model's text encoder; drop "
+                           "--prompts/--embeds/--components")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        fmt, _, method = v.partition(":")
+        if fmt not in FORMATS or method not in METHODS:
+            raise CommandError(f"--variants: bad entry {v!r}: expected format:method with format in {FORMATS} "
+                               f"and method in {METHODS}")
+    models = [m for m in (args.float, args.quant) if m is not None]
+    for m in models:
+        if not os.path.exists(m):
+            raise CommandError(f"{m}: no such file or directory")
+    try:
+        state = assets.load_demo_model(args.demo_model)
+        cls = assets.load_shapeeval(args.classifier)
+    except (FileNotFoundError, ValueError) as e:
+        raise CommandError(str(e)) from None
+    loaded = []
+    for m in models:
+        try:
+            ck = load_model(m, dtype=jnp.float32, expect_config=state.config.flux)
+        except CheckpointError as e:
+            raise CommandError(f"{e} (--shapeeval scores checkpoints of the demo model's transformer)") from None
+        loaded.append((m, ck))
+
+    items = shapeeval.prompts(args.per_task)
+    seed = args.seeds[0]
+    log(args, f"pqjax eval --shapeeval: {len(items)} prompts ({args.per_task} per task), {steps} steps, noise seed "
+              f"{seed}; {1 + len(variants) + len(loaded)} model(s)")
+    ceiling = shapeeval.generator_score(cls, items)
+    ref = B.run_variant(state, cls, items, steps=steps, seed=seed, name="float")
+    log(args, f"pqjax eval --shapeeval: float {100 * ref.overall:.1f}% ({ref.seconds:.1f} s)")
+    results = [ref]
+    calib = B.calib_batch(state, steps=steps) if variants else None
+    for v in variants:
+        fmt, _, method = v.partition(":")
+        q, _ = B.quantize_demo(state, fmt, method, calib=calib)
+        results.append(B.run_variant(state, cls, items, transformer=q, steps=steps, seed=seed, reference=ref,
+                                     name=v))
+        log(args, f"pqjax eval --shapeeval: {v} {100 * results[-1].overall:.1f}%")
+    for m, ck in loaded:
+        results.append(B.run_variant(state, cls, items, transformer=ck.params, steps=steps, seed=seed,
+                                     reference=ref, name=f"{m} ({ck.kind})"))
+        log(args, f"pqjax eval --shapeeval: {m} {100 * results[-1].overall:.1f}%")
+
+    md = "\n".join([f"# ShapeEval: {args.per_task} prompts per task, {steps} steps, noise seed {seed}", "",
+                    f"Classifier on the generator's own renders of these prompts: {100 * ceiling['overall']:.1f}%.",
+                    "", B.markdown_table(results), ""])
+    json_path = args.json or "shapeeval.json"
+    md_path = args.markdown or "shapeeval.md"
+    with open(json_path, "w", encoding="utf-8") as f:
+        _json.dump({"per_task": args.per_task, "steps": steps, "seed": seed, "ceiling": ceiling["tasks"],
+                    "rows": [r.row() for r in results]}, f, indent=1)
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write(md)
+    print(md)
+    print(f"pqjax eval --shapeeval: float {100 * ref.overall:.1f}% overall; wrote {json_path} and {md_path} in "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0
 
 
 def run(args) -> int:
@@ -45,6 +145,15 @@ def run(args) -> int:
     from pqjax.checkpoint import _config_diff, load_model
     from pqjax.cli import CommandError
 
+    if args.shapeeval:
+        return run_shapeeval(args)
+    if args.float is None or args.quant is None:
+        raise CommandError("pqjax eval needs FLOAT and QUANT (or --shapeeval)")
+    if args.variants:
+        raise CommandError("--variants is a --shapeeval option")
+    args.steps = 28 if args.steps is None else args.steps
+    args.json = args.json or "eval.json"
+    args.markdown = args.markdown or "eval.md"
     t0 = time.perf_counter()
     for path in (args.float, args.quant):
         if not os.path.exists(path):

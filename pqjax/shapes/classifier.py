@@ -153,6 +153,29 @@ def make_optimizer(lr: float = 2e-3, steps: int = 1000, weight_decay: float = 1e
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=weight_decay))
 
 
+def augment(key, images):
+    """Random corruptions of uint8-valued ``[B, S, S, 3]`` images, so the classifier reads generated images (noisy,
+    slightly blurred, off-colour, off by a pixel) as it reads clean ones: a 1-pixel shift (probability 1/2), a
+    [1 2 1]^2 blur of random strength, a per-image colour offset (std 8) and gaussian noise (std up to 24), all in
+    0..255 units and clipped. Returns float32."""
+    x = jnp.asarray(images, jnp.float32)
+    b = x.shape[0]
+    k_shift, k_dir, k_blur, k_col, k_sig, k_noise = jax.random.split(key, 6)
+    shifted = jnp.stack([jnp.roll(x, s, axis=a) for a in (1, 2) for s in (-1, 1)])      # [4, B, S, S, 3]
+    pick = jax.random.randint(k_dir, (b,), 0, 4)
+    shifted = jnp.take_along_axis(shifted, pick[None, :, None, None, None], axis=0)[0]
+    x = jnp.where(jax.random.bernoulli(k_shift, 0.5, (b, 1, 1, 1)), shifted, x)
+    w = jnp.array([1.0, 2.0, 1.0]) / 4.0
+    kern = jnp.tile((w[:, None] * w[None, :])[:, :, None, None], (1, 1, 1, 3))         # HWIO, depthwise
+    blurred = jax.lax.conv_general_dilated(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge"), kern,
+                                           (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                           feature_group_count=3)
+    x = x + jax.random.uniform(k_blur, (b, 1, 1, 1)) * (blurred - x)
+    x = x + 8.0 * jax.random.normal(k_col, (b, 1, 1, 3))
+    x = x + jax.random.uniform(k_sig, (b, 1, 1, 1), maxval=24.0) * jax.random.normal(k_noise, x.shape)
+    return jnp.clip(x, 0.0, 255.0)
+
+
 def batch_data(seed: int, batch: int, size: int):
     """One freshly generated training batch: (uint8 images, label dict)."""
     images, _, scenes = make_dataset(batch, seed=seed, size=size)
@@ -160,15 +183,22 @@ def batch_data(seed: int, batch: int, size: int):
 
 
 def train(seed: int = 0, steps: int = 1000, batch: int = 64, size: int = 32, lr: float = 2e-3,
-          log_every: int = 0, data_seed_offset: int = 1_000_000, return_losses: bool = False):
+          log_every: int = 0, data_seed_offset: int = 1_000_000, return_losses: bool = False,
+          augment_fraction: float = 0.0):
     """Train on freshly generated scenes each step (``make_dataset`` seed ``data_seed_offset + seed * steps + step``,
-    disjoint from small evaluation seeds). Returns params (and the per-step losses if ``return_losses``)."""
+    disjoint from small evaluation seeds); the first ``augment_fraction`` of each batch goes through :func:`augment`.
+    Returns params (and the per-step losses if ``return_losses``)."""
     params = init(jax.random.PRNGKey(seed), size)
     opt = make_optimizer(lr, steps)
     opt_state = opt.init(params)
+    n_aug = int(round(float(augment_fraction) * batch))
+    aug_key = jax.random.PRNGKey(seed + 7919)
 
     @jax.jit
-    def step_fn(params, opt_state, images, labels):
+    def step_fn(params, opt_state, images, labels, step):
+        if n_aug:
+            images = jnp.asarray(images, jnp.float32)
+            images = images.at[:n_aug].set(augment(jax.random.fold_in(aug_key, step), images[:n_aug]))
         loss, grads = jax.value_and_grad(loss_fn)(params, images, labels)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
@@ -176,7 +206,7 @@ def train(seed: int = 0, steps: int = 1000, batch: int = 64, size: int = 32, lr:
     losses = []
     for step in range(steps):
         images, labels = batch_data(data_seed_offset + seed * steps + step, batch, size)
-        params, opt_state, loss = step_fn(params, opt_state, images, labels)
+        params, opt_state, loss = step_fn(params, opt_state, images, labels, step)
         losses.append(loss)
         if log_every and (step + 1) % log_every == 0:
             print(f"step {step + 1}/{steps} loss {float(loss):.4f}", flush=True)

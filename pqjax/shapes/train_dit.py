@@ -3,11 +3,14 @@
 Pixel <-> "latent" mapping (exact inverse; see :func:`image_to_latent` / :func:`latent_to_image`)::
 
     uint8 [B, 32, 32, 3]  --/127.5 - 1-->  [-1, 1] float, NCHW [B, 3, 32, 32]
-        --space-to-depth 4x4-->  [B, 48, 8, 8]        (channel = c*16 + dy*4 + dx; the "VAE latent", 48 channels)
-        --pipeline.pack_latents (2x2)-->  [B, 16, 192] (the transformer's tokens: in_channels = 4*48 = 192 = 3*64)
+        --space-to-depth 2x2-->  [B, 12, 16, 16]      (channel = c*4 + dy*2 + dx; the "VAE latent", 12 channels)
+        --pipeline.pack_latents (2x2)-->  [B, 64, 48]  (the transformer's tokens: in_channels = 4*12 = 48)
 
-so the pixel->latent factor plays the role of ``vae_scale_factor`` (= 4) in :func:`pqjax.pipeline.sample`, and every
-quantizable linear of :func:`DemoModelConfig.flux` has K a multiple of 64 (192, 64, 256, D, 4D, D + 4D).
+so the pixel->latent factor plays the role of ``vae_scale_factor`` (= 2) in :func:`pqjax.pipeline.sample`. Each of the
+64 image tokens covers 4x4 pixels, and its 48 values fit in the model width D = 128 with room to spare: a token wider
+than D (e.g. 4x4 space-to-depth, 192 values per token) cannot carry the noise through the network, and samples keep
+salt-and-pepper noise. ``x_embedder`` (K = 48) and ``proj_out`` stay in float under the default rules (as in FLUX
+practice), so every linear that is quantized has K a multiple of 64 (64, 256, D, 4D, D + 4D).
 
 Training is FLUX's rectified flow: ``x_t = (1 - t) x0 + t noise``, the transformer predicts ``v = noise - x0`` at
 ``timestep = t`` (sigma units), ``t = sigmoid(N(0, 1))`` (logit-normal), MSE loss, AdamW; the text encoder
@@ -41,8 +44,8 @@ from pqjax.shapes.data import MAX_CAPTION_WORDS, make_dataset
 from pqjax.shapes.tokenizer import Tokenizer
 
 IMAGE_SIZE = 32
-PATCH = 4                      # space-to-depth factor: the "vae_scale_factor" of this pixel-space model
-CHANNELS = 3 * PATCH * PATCH   # 48 latent channels
+PATCH = 2                      # space-to-depth factor: the "vae_scale_factor" of this pixel-space model
+CHANNELS = 3 * PATCH * PATCH   # 12 latent channels
 SCHEDULER = FlowMatchConfig(use_dynamic_shifting=False, shift=1.0)
 
 
@@ -51,7 +54,7 @@ SCHEDULER = FlowMatchConfig(use_dynamic_shifting=False, shift=1.0)
 # ----------------------------------------------------------------------------------------------
 
 def image_to_latent(images) -> jax.Array:
-    """uint8 ``[B, 32, 32, 3]`` -> float32 latents ``[B, 48, 8, 8]`` in [-1, 1] (space-to-depth 4x4, channel-major)."""
+    """uint8 ``[B, 32, 32, 3]`` -> float32 latents ``[B, 12, 16, 16]`` in [-1, 1] (space-to-depth 2x2, channel-major)."""
     x = jnp.asarray(images)
     if x.ndim != 4 or x.shape[-1] != 3 or x.shape[1] % PATCH or x.shape[2] % PATCH:
         raise ValueError(f"image_to_latent expects [B, H, W, 3] with H, W multiples of {PATCH}, got {x.shape}")
@@ -62,7 +65,7 @@ def image_to_latent(images) -> jax.Array:
 
 
 def latent_to_image(latents) -> np.ndarray:
-    """Inverse of :func:`image_to_latent`: ``[B, 48, h, w]`` -> uint8 ``[B, 4h, 4w, 3]`` (clipped to [-1, 1], rounded)."""
+    """Inverse of :func:`image_to_latent`: ``[B, 12, h, w]`` -> uint8 ``[B, 2h, 2w, 3]`` (clipped to [-1, 1], rounded)."""
     x = jnp.asarray(latents, jnp.float32)
     if x.ndim != 4 or x.shape[1] != CHANNELS:
         raise ValueError(f"latent_to_image expects [B, {CHANNELS}, h, w], got {x.shape}")
@@ -73,7 +76,7 @@ def latent_to_image(latents) -> np.ndarray:
 
 
 def image_to_tokens(images) -> jax.Array:
-    """uint8 ``[B, 32, 32, 3]`` -> packed transformer input ``[B, 16, 192]``."""
+    """uint8 ``[B, 32, 32, 3]`` -> packed transformer input ``[B, 64, 48]``."""
     return pack_latents(image_to_latent(images))
 
 
@@ -101,6 +104,7 @@ class DemoModelConfig:
     max_len: int = 16            # caption tokens (MAX_CAPTION_WORDS = 15)
     learning_rate: float = 1e-3
     warmup_steps: int = 100
+    decay_steps: int = 0         # > 0: cosine decay to 0 over this many steps after warmup; 0: constant rate
     weight_decay: float = 0.01
     grad_clip: float = 1.0
 
@@ -143,7 +147,11 @@ class TrainState:
 
 
 def _optimizer(cfg: DemoModelConfig) -> optax.GradientTransformation:
-    lr = optax.linear_schedule(0.0, cfg.learning_rate, max(1, cfg.warmup_steps))
+    if cfg.decay_steps > 0:
+        lr = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(1, cfg.warmup_steps),
+                                                max(1, cfg.warmup_steps) + cfg.decay_steps, end_value=0.0)
+    else:
+        lr = optax.linear_schedule(0.0, cfg.learning_rate, max(1, cfg.warmup_steps))
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                        optax.adamw(lr, b1=0.9, b2=0.99, weight_decay=cfg.weight_decay))
 
@@ -218,9 +226,10 @@ def train_step(state: TrainState, batch: dict, key: jax.Array) -> tuple[TrainSta
 
 def train(seed: int = 0, steps: int = 1000, batch: int = 32, log_every: int = 50, *,
           config: DemoModelConfig | None = None, state: TrainState | None = None, losses: list | None = None,
-          verbose: bool = True) -> TrainState:
+          verbose: bool = True, callback=None, callback_every: int = 0) -> TrainState:
     """Train from ``init(seed)`` (or continue ``state``) for ``steps`` steps; appends each step's loss to ``losses``
-    if given and prints the mean loss every ``log_every`` steps. Deterministic in ``seed``."""
+    if given, prints the mean loss every ``log_every`` steps and calls ``callback(state)`` every ``callback_every``
+    steps (checkpoints). Deterministic in ``seed``."""
     state = state if state is not None else init(seed, config)
     key = jax.random.key(int(seed) + 1)
     window, t0 = [], time.perf_counter()
@@ -236,6 +245,8 @@ def train(seed: int = 0, steps: int = 1000, batch: int = 32, log_every: int = 50
             dt = time.perf_counter() - t0
             print(f"step {i + 1:6d}  loss {np.mean(window):.4f}  {dt / len(window):.3f} s/step", flush=True)
             window, t0 = [], time.perf_counter()
+        if callback is not None and callback_every and (i + 1) % callback_every == 0:
+            callback(state)
     return state
 
 
@@ -243,12 +254,12 @@ def train(seed: int = 0, steps: int = 1000, batch: int = 32, log_every: int = 50
 # Sampling
 # ----------------------------------------------------------------------------------------------
 
-def initial_noise(seed: int, batch: int) -> jax.Array:
-    """Packed noise ``[B, 16, 192]``: image ``i`` gets ``normal(fold_in(key(seed), i), [48, 8, 8])``."""
+def initial_noise(seed: int, batch: int, start: int = 0) -> jax.Array:
+    """Packed noise ``[B, 64, 48]``: image ``i`` gets ``normal(fold_in(key(seed), start + i), [12, 16, 16])``."""
     key = jax.random.key(int(seed))
     s = IMAGE_SIZE // PATCH
-    noise = jnp.stack([jax.random.normal(jax.random.fold_in(key, i), (CHANNELS, s, s), jnp.float32)
-                       for i in range(int(batch))])
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, start + int(batch)))
+    noise = jax.vmap(lambda k: jax.random.normal(k, (CHANNELS, s, s), jnp.float32))(keys)
     return pack_latents(noise)
 
 
@@ -257,14 +268,33 @@ def encode_captions(state: TrainState, captions) -> tuple[jax.Array, jax.Array]:
     return _encode_text(state.config, state.params, jnp.asarray(ids), jnp.asarray(mask))
 
 
-def generate(state: TrainState, captions, seed: int = 0, steps: int = 20) -> np.ndarray:
-    """uint8 images ``[len(captions), 32, 32, 3]`` sampled with ``steps`` Euler steps (static shift 1.0)."""
+def generate(state: TrainState, captions, seed: int = 0, steps: int = 20, *, transformer=None,
+             chunk: int = 64) -> np.ndarray:
+    """uint8 images ``[len(captions), 32, 32, 3]`` sampled with ``steps`` Euler steps (static shift 1.0).
+
+    ``transformer``: params to sample with instead of ``state.params["transformer"]`` (e.g. quantized ones; the text
+    encoder stays float). Captions run in chunks of ``chunk`` (the last one padded, so one compiled shape); image ``i``
+    always gets the same noise (:func:`initial_noise`), whatever the chunking."""
+    return tokens_to_image(generate_latents(state, captions, seed, steps, transformer=transformer, chunk=chunk))
+
+
+def generate_latents(state: TrainState, captions, seed: int = 0, steps: int = 20, *, transformer=None,
+                     chunk: int = 64) -> np.ndarray:
+    """Like :func:`generate` but returns the final packed latents ``[len(captions), 64, 48]`` (float32)."""
     captions = [captions] if isinstance(captions, str) else list(captions)
-    hidden, pooled = encode_captions(state, captions)
-    out = sample(state.config.flux, state.params["transformer"], latents=initial_noise(seed, len(captions)),
-                 encoder_hidden_states=hidden, pooled_projections=pooled, num_inference_steps=int(steps),
-                 scheduler_config=SCHEDULER, height=IMAGE_SIZE, width=IMAGE_SIZE, vae_scale_factor=PATCH)
-    return tokens_to_image(out)
+    dit = state.params["transformer"] if transformer is None else transformer
+    n, chunk = len(captions), max(1, min(int(chunk), len(captions)))
+    out = []
+    for start in range(0, n, chunk):
+        part = captions[start:start + chunk]
+        part = part + [part[-1]] * (chunk - len(part))
+        hidden, pooled = encode_captions(state, part)
+        lat = sample(state.config.flux, dit, latents=initial_noise(seed, chunk, start), encoder_hidden_states=hidden,
+                     pooled_projections=pooled, num_inference_steps=int(steps), scheduler_config=SCHEDULER,
+                     height=IMAGE_SIZE, width=IMAGE_SIZE, vae_scale_factor=PATCH)
+        out.append(np.asarray(lat, np.float32)[:min(chunk, n - start)])
+    s = IMAGE_SIZE // PATCH // 2
+    return np.concatenate(out) if out else np.zeros((0, s * s, 4 * CHANNELS), np.float32)
 
 
 # ----------------------------------------------------------------------------------------------

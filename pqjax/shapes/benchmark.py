@@ -1,0 +1,100 @@
+"""Quantize the demo model and measure what each method does to it: ShapeEval accuracy and error vs float.
+
+Used by ``pqjax eval --shapeeval``, ``pqjax demo`` and ``examples/results.py`` (which writes ``docs/RESULTS.md``).
+
+    state, cls = assets.load_demo_model(), assets.load_shapeeval()
+    items = shapeeval.prompts(50)
+    ref = run_variant(state, cls, items)                                  # float
+    q, report = quantize_demo(state, "nvfp4", "permuquant")
+    row = run_variant(state, cls, items, transformer=q, reference=ref)    # + latent error / PSNR vs float
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from pqjax.shapes import shapeeval
+from pqjax.shapes import train_dit as td
+from pqjax.shapes.data import make_dataset
+
+CALIB_SEED = 77_001           # calibration prompts and noise (disjoint from ShapeEval's and training's seeds)
+FORMATS = ("nvfp4", "int4", "int3")
+METHODS = ("rtn", "smoothquant", "hadamard", "permuquant", "permuquant-h")
+
+
+def calib_batch(state: td.TrainState, n: int = 32, steps: int = 20, seed: int = CALIB_SEED):
+    """A :class:`pqjax.CalibBatch` for the demo model: ``n`` training-distribution captions (seed ``seed``), their
+    text embeddings, seeded noise and the demo sampler's schedule (static shift 1, 2 pixels per latent)."""
+    from pqjax.calib import CalibBatch
+
+    _, captions, _ = make_dataset(n, seed=seed)
+    hidden, pooled = td.encode_captions(state, captions)
+    return CalibBatch(encoder_hidden_states=hidden, pooled_projections=pooled, height=td.IMAGE_SIZE,
+                      width=td.IMAGE_SIZE, num_inference_steps=steps, latents=td.initial_noise(seed, n),
+                      seed=seed, scheduler_config=td.SCHEDULER, vae_scale_factor=td.PATCH)
+
+
+def quantize_demo(state: td.TrainState, fmt: str, method: str, *, calib=None, progress: bool = False, **kw):
+    """``pqjax.quantize`` the demo transformer (default rules) -> ``(qparams, report)``."""
+    import pqjax
+
+    calib = calib if calib is not None else calib_batch(state)
+    cfg = pqjax.QuantConfig(format=fmt, method=method, **kw)
+    return pqjax.quantize(state.params["transformer"], calib, config=cfg, model_config=state.config.flux,
+                          progress=progress)
+
+
+def psnr_uint8(x: np.ndarray, ref: np.ndarray) -> float:
+    """PSNR in dB of uint8 images against ``ref`` over the whole set (peak 255; inf when identical)."""
+    mse = float(np.mean((np.asarray(x, np.float64) - np.asarray(ref, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(255.0 ** 2 / mse)
+
+
+@dataclasses.dataclass
+class VariantResult:
+    name: str
+    tasks: dict
+    overall: float
+    latents: np.ndarray
+    images: np.ndarray
+    latent_rel_err: float | None = None   # vs the float model's final latents (same prompts, same noise)
+    psnr: float | None = None             # dB, vs the float model's images
+    seconds: float = 0.0
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def row(self) -> dict:
+        return {"name": self.name, "tasks": self.tasks, "overall": self.overall,
+                "latent_rel_err": self.latent_rel_err, "psnr": self.psnr, "seconds": self.seconds, **self.extra}
+
+
+def run_variant(state: td.TrainState, classifier_params: dict, items: list, *, transformer=None, name: str = "float",
+                steps: int = 20, seed: int = 0, reference: VariantResult | None = None,
+                chunk: int = 64) -> VariantResult:
+    """Sample ``items``' captions with ``transformer`` (default: the float one), score them with ShapeEval and,
+    given the float ``reference``, measure the final-latent relative error and image PSNR against it."""
+    t0 = time.perf_counter()
+    lat = td.generate_latents(state, [it.caption for it in items], seed=seed, steps=steps, transformer=transformer,
+                              chunk=chunk)
+    images = td.tokens_to_image(jnp.asarray(lat))
+    res = shapeeval.score(classifier_params, images, items)
+    out = VariantResult(name, res["tasks"], res["overall"], lat, images, seconds=time.perf_counter() - t0)
+    if reference is not None:
+        out.latent_rel_err = float(np.linalg.norm(lat - reference.latents) / np.linalg.norm(reference.latents))
+        out.psnr = psnr_uint8(images, reference.images)
+    return out
+
+
+def markdown_table(results: list[VariantResult]) -> str:
+    """One row per variant: ShapeEval per task and overall (%), final-latent rel. error and PSNR vs float."""
+    tasks = [t for t in shapeeval.TASKS if t in results[0].tasks]
+    head = "| model | " + " | ".join(tasks) + " | **overall** | latent rel. err | PSNR (dB) |"
+    lines = [head, "|" + "---|" * (len(tasks) + 4)]
+    for r in results:
+        err = "-" if r.latent_rel_err is None else f"{r.latent_rel_err:.4f}"
+        psnr = "-" if r.psnr is None else ("inf" if np.isinf(r.psnr) else f"{r.psnr:.2f}")
+        cells = " | ".join(f"{100 * r.tasks[t]:.1f}" for t in tasks)
+        lines.append(f"| {r.name} | {cells} | **{100 * r.overall:.1f}** | {err} | {psnr} |")
+    return "\n".join(lines)
