@@ -1,6 +1,6 @@
 """Train the pixel-space FLUX demo model on the shapes data; save it and a PNG grid of held-out samples.
 
-    python examples/train_demo_model.py --steps 2000 --batch 32 --seed 0 --out demo_model
+    python examples/train_demo_model.py --steps 10000 --batch 32 --seed 0 --out demo_run [--install]
 
 Writes ``OUT/model`` (``pqjax.shapes.train_dit.save``: diffusers transformer folder + text encoder + tokenizer),
 ``OUT/samples.png`` (each row: a held-out caption's training-distribution reference image, then samples for
@@ -43,18 +43,26 @@ def main(argv=None) -> int:
     ap.add_argument("--decay", action=argparse.BooleanOptionalAction, default=True,
                     help="cosine-decay the learning rate to 0 over --steps (default on)")
     ap.add_argument("--checkpoint-every", type=int, default=0, help="also save OUT/checkpoints/step_N every N steps")
+    ap.add_argument("--resume", type=pathlib.Path, default=None,
+                    help="continue from this saved model (fresh optimizer; its config wins over --heads)")
+    ap.add_argument("--install", action="store_true",
+                    help="also copy OUT/model into the package as the shipped demo model (pqjax/shapes/assets)")
     ap.add_argument("--captions", type=int, default=8, help="held-out captions in the grid")
     ap.add_argument("--samples", type=int, default=4, help="noise seeds per caption")
     ap.add_argument("--sample-steps", type=int, default=20)
     args = ap.parse_args(argv)
 
-    cfg = td.DemoModelConfig()
+    start = td.load(args.resume) if args.resume else None
+    cfg = start.config if start is not None else td.DemoModelConfig()
     if args.lr is not None:
         cfg = dataclasses.replace(cfg, learning_rate=args.lr)
-    if args.heads is not None:
+    if args.heads is not None and start is None:
         cfg = dataclasses.replace(cfg, num_attention_heads=args.heads)
     if args.decay:
         cfg = dataclasses.replace(cfg, decay_steps=max(1, args.steps - cfg.warmup_steps))
+    if start is not None:  # same weights, this run's schedule; step counting (and data seeds) continue
+        start = td.TrainState(params=start.params, opt_state=td._optimizer(cfg).init(start.params),
+                              step=start.step, config=cfg)
     model_dir = args.out / "model"
     if model_dir.exists():
         raise SystemExit(f"{model_dir} exists; choose another --out")
@@ -68,7 +76,7 @@ def main(argv=None) -> int:
         td.save(state, args.out / "checkpoints" / f"step_{int(state.step)}")
 
     state = td.train(args.seed, args.steps, args.batch, args.log_every, config=cfg, losses=losses,
-                     callback=checkpoint, callback_every=args.checkpoint_every)
+                     callback=checkpoint, callback_every=args.checkpoint_every, state=start)
     dt = time.perf_counter() - t0
     print(f"trained {args.steps} steps in {dt:.1f} s ({dt / max(1, args.steps):.3f} s/step incl. compile)")
     (args.out / "losses.txt").write_text("".join(f"{i + 1} {v:.6f}\n" for i, v in enumerate(losses)))
@@ -81,6 +89,16 @@ def main(argv=None) -> int:
     grid(rows).save(args.out / "samples.png")
     (args.out / "samples.txt").write_text("".join(f"row {i}: {c}\n" for i, c in enumerate(captions)))
     print(f"wrote {model_dir}, {args.out / 'samples.png'} (rows: {', '.join(captions)})")
+    if args.install:
+        import shutil
+
+        from pqjax.shapes import assets
+        tmp = assets.DEMO_MODEL.with_name(assets.DEMO_MODEL.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(model_dir, tmp)
+        shutil.rmtree(assets.DEMO_MODEL, ignore_errors=True)
+        tmp.rename(assets.DEMO_MODEL)
+        print(f"installed {model_dir} as {assets.DEMO_MODEL}")
     return 0
 
 

@@ -1,5 +1,6 @@
 """Train the ShapeEval attribute classifier on freshly generated shapes scenes and report held-out accuracy.
 
+    python examples/train_shapeeval.py --steps 1500 --install      # what ships (pqjax/shapes/assets/shapeeval.npz)
     python examples/train_shapeeval.py --steps 1000 --out checkpoints/shapeeval.npz [--size 32] [--batch 64]
 
 Held-out images come from ``make_dataset(--eval-n, seed=--eval-seed)``; training batches use data seeds >= 1e6.
@@ -18,7 +19,7 @@ from pqjax.shapes import classifier as C
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=32, choices=(32, 64))
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -29,6 +30,7 @@ def main(argv=None):
     ap.add_argument("--eval-seed", type=int, default=424242)
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--out", default=None, help="where to save the params (.npz)")
+    ap.add_argument("--install", action="store_true", help="save as the shipped classifier (pqjax/shapes/assets)")
     args = ap.parse_args(argv)
 
     t0 = time.time()
@@ -43,6 +45,9 @@ def main(argv=None):
     print(f"held-out accuracy on {args.eval_n} images (clean | augmented):")
     for k, v in acc.items():
         print(f"  {k:9s} {100 * v:6.2f}%  {100 * acc_aug[k]:6.2f}%")
+    if args.install:
+        from pqjax.shapes import assets
+        args.out = args.out or assets.SHAPEEVAL
     if args.out:
         C.save(params, args.out)
         print(f"saved {args.out}")
