@@ -71,12 +71,32 @@ def notes(results: dict, reports: dict, formats) -> list[str]:
     return out
 
 
+def groups_per_row(state, groups: dict) -> str:
+    """How many quantization groups each W4A4 linear's K holds, per format (median over linears)."""
+    from pqjax import formats
+    from pqjax.config import DEFAULT_RULES, resolve_rules
+    from pqjax.sites import get_path, linear_paths
+
+    params = state.params["transformer"]
+    rule_of, _ = resolve_rules(linear_paths(params), DEFAULT_RULES)
+    ks = [int(get_path(params, p)["kernel"].shape[0]) for p, r in rule_of.items() if r.action == "w4a4"]
+    parts = []
+    for fmt, group in groups.items():
+        g = formats.NVFP4_BLOCK if fmt == "nvfp4" else (group or formats.DEFAULT_INT_GROUP)
+        parts.append(f"{fmt} {int(np.median([k // g for k in ks]))}")
+    return (f"the demo model's {len(ks)} W4A4 linears have K = {min(ks)} .. {max(ks)} (median "
+            f"{int(np.median(ks))}), i.e. a median of this many groups per row: " + ", ".join(parts))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-task", type=int, default=50, help="ShapeEval prompts per task (default: 50)")
     ap.add_argument("--steps", type=int, default=20, help="sampler steps (default: 20)")
     ap.add_argument("--calib", type=int, default=32, help="calibration prompts (default: 32)")
     ap.add_argument("--formats", default=",".join(B.FORMATS))
+    ap.add_argument("--small-group", type=int, default=32, choices=(0, 32),
+                    help="also run INT3 with this group size (more groups per row for the permutation to work "
+                         "with; 0 to skip; default: 32)")
     ap.add_argument("--methods", default=",".join(B.METHODS))
     ap.add_argument("--out", type=pathlib.Path, default=ROOT / "docs", help="folder for RESULTS.md, "
                     "results_grid.png and results.json (default: docs/)")
@@ -104,10 +124,13 @@ def main(argv=None) -> int:
     calib = B.calib_batch(state, n=args.calib, steps=args.steps)
 
     results, reports, ordered = {}, {}, [ref]
-    for fmt in formats:
+    groups = {f: None for f in formats}
+    if args.small_group and "int3" in formats:
+        groups[f"int3 g{args.small_group}"] = args.small_group
+    for fmt, group in groups.items():
         for method in methods:
             t0 = time.perf_counter()
-            q, rep = B.quantize_demo(state, fmt, method, calib=calib)
+            q, rep = B.quantize_demo(state, fmt.split()[0], method, calib=calib, group_size=group)
             tq = time.perf_counter() - t0
             r = B.run_variant(state, cls, items, transformer=q, steps=args.steps, reference=ref,
                               name=f"{fmt} {LABEL[method]}")
@@ -147,7 +170,7 @@ def main(argv=None) -> int:
         "",
         f"**Quantization**: `pqjax.quantize` with default rules and {args.calib} calibration prompts "
         f"({args.steps}-step trajectories). Packed transformer size vs bf16 ({float_bytes / 1e6:.2f} MB): " +
-        ", ".join(f"{f} {float_bytes / results[(f, methods[0])].extra['bytes']:.2f}x smaller" for f in formats) +
+        ", ".join(f"{f} {float_bytes / results[(f, methods[0])].extra['bytes']:.2f}x smaller" for f in groups) +
         " (embedders and the final layer stay 16-bit, which weighs more in a model this small than in FLUX.1).",
         "",
         B.markdown_table(ordered),
@@ -162,7 +185,19 @@ def main(argv=None) -> int:
               "Derived from the table (\"helps\": lower final-latent error and no lower ShapeEval; \"does not "
               "help\": neither):", ""]
     if {"rtn", "permuquant", "hadamard", "permuquant-h"} <= set(methods):
-        lines += notes(results, reports, formats)
+        lines += notes(results, reports, groups)
+    lines += ["", "Reading these numbers:", "",
+              f"- Resolution: one prompt is {100 / args.per_task:.0f} points of a task and "
+              f"{100 / len(items):.2f} points of *overall*; ShapeEval differences of a few points are within "
+              "sampling noise, the latent error and PSNR (300 images, same noise) resolve smaller effects.",
+              "- Room to permute: " + groups_per_row(state, groups) + ". A reordering only changes which channels "
+              "share a group; with two groups per row there is little to gain, and the paper's FLUX.1 linears "
+              "(K = 3072 .. 15360) have 48 .. 960 groups per row. The INT3 rows with a smaller group size test "
+              "this on the same model."]
+    saturated = [f for f in groups if min(results[(f, m)].overall for m in methods) >= 0.98]
+    if saturated:
+        lines.append(f"- ShapeEval is saturated (every method >= 98%) at {', '.join(saturated)}: the shapes are easy "
+                     "to draw, so there the latent error and PSNR are what separate the methods.")
     lines += ["", "## Grid", "", "![results grid](results_grid.png)", "",
               "Columns: float, then each variant. Rows (first prompt of each task): " +
               "; ".join(f"{t}: \"{c}\"" for t, c in zip(shapeeval.TASKS, grid_rows)) + ".", ""]

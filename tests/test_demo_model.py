@@ -210,3 +210,24 @@ def test_eval_shapeeval_bad_input(tmp_path, capsys):
         rc, _, err = run_main(capsys, "eval", *argv, "--json", j)
         assert rc != 0 and needle in err and "pqjax eval: error:" in err, (argv, err)
         assert not j.exists()
+
+
+def test_results_script_writes_the_table(tmp_path):
+    """examples/results.py (small settings): RESULTS.md with one row per variant, notes derived from the numbers,
+    and a grid; results.json agrees with the table."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "results.py"
+    spec = importlib.util.spec_from_file_location("pqjax_results_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--per-task", "1", "--steps", "3", "--calib", "4", "--formats", "int3", "--small-group", "0",
+                     "--methods", "rtn,hadamard,permuquant,permuquant-h", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "RESULTS.md").read_text()
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["float", "int3 RTN", "int3 Hadamard", "int3 PermuQuant",
+                                         "int3 PermuQuant-H"]
+    for r in rows[1:]:
+        assert f"| {r['name']} |" in md and f"{r['latent_rel_err']:.4f}" in md
+    assert "int3, PermuQuant vs RTN:" in md and "int3, PermuQuant-H vs Hadamard:" in md
+    assert (tmp_path / "results_grid.png").is_file()
