@@ -21,7 +21,6 @@ import time
 
 import jax
 import numpy as np
-from PIL import Image, ImageDraw
 
 from pqjax.formats import nbytes
 from pqjax.shapes import assets, shapeeval
@@ -33,21 +32,17 @@ LABEL = {"rtn": "RTN", "smoothquant": "SmoothQuant", "hadamard": "Hadamard", "pe
          "permuquant-h": "PermuQuant-H"}
 
 
-def grid_image(path, results, items, per_task: int, scale: int = 3):
+def grid_image(path, results, items, per_task: int):
     """Rows: one prompt per task (the first of each); columns: float then every variant."""
     rows = [i * per_task for i in range(len(shapeeval.TASKS))]
-    h = w = td.IMAGE_SIZE
-    pad, left, top = 2, 0, 12
-    cw = w * scale + pad
-    canvas = Image.new("RGB", (left + len(results) * cw, top + len(rows) * (h * scale + pad)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for j, r in enumerate(results):
-        draw.text((left + j * cw + 1, 0), r.name.replace("PermuQuant", "PQ").replace("SmoothQuant", "SQ")
-                  .replace("Hadamard", "Had")[:16], fill=(0, 0, 0))
-        for i, idx in enumerate(rows):
-            img = Image.fromarray(r.images[idx]).resize((w * scale, h * scale), Image.NEAREST)
-            canvas.paste(img, (left + j * cw, top + i * (h * scale + pad)))
-    canvas.save(path)
+    short = {"PermuQuant": "PQ", "SmoothQuant": "SQ", "Hadamard": "Had"}
+    labels = []
+    for r in results:
+        name = r.name
+        for k, v in short.items():
+            name = name.replace(k, v)
+        labels.append(name)
+    B.write_grid(path, [r.images[rows] for r in results], labels, scale=3)
     return [items[i].caption for i in rows]
 
 

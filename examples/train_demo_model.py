@@ -13,22 +13,10 @@ import dataclasses
 import pathlib
 import time
 
-import numpy as np
-from PIL import Image
 
 from pqjax.shapes import make_dataset
+from pqjax.shapes.benchmark import write_grid
 from pqjax.shapes import train_dit as td
-
-
-def grid(rows: list[list[np.ndarray]], scale: int = 4, pad: int = 2) -> Image.Image:
-    h, w = rows[0][0].shape[:2]
-    n_cols = max(len(r) for r in rows)
-    canvas = np.full((len(rows) * (h + pad) + pad, n_cols * (w + pad) + pad, 3), 255, np.uint8)
-    for i, row in enumerate(rows):
-        for j, img in enumerate(row):
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            canvas[y:y + h, x:x + w] = img
-    return Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
 
 
 def main(argv=None) -> int:
@@ -85,8 +73,7 @@ def main(argv=None) -> int:
 
     refs, captions, _ = make_dataset(args.captions, seed=td.HELDOUT_SEED)
     samples = [td.generate(state, captions, seed=s, steps=args.sample_steps) for s in range(args.samples)]
-    rows = [[refs[i]] + [samples[s][i] for s in range(args.samples)] for i in range(len(captions))]
-    grid(rows).save(args.out / "samples.png")
+    write_grid(args.out / "samples.png", [refs] + samples, ["reference"] + [f"seed {s}" for s in range(args.samples)])
     (args.out / "samples.txt").write_text("".join(f"row {i}: {c}\n" for i, c in enumerate(captions)))
     print(f"wrote {model_dir}, {args.out / 'samples.png'} (rows: {', '.join(captions)})")
     if args.install:

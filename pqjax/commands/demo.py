@@ -60,26 +60,6 @@ def check_captions(captions: list[str]) -> None:
             raise CommandError(f"--captions: {c!r} has {len(words)} words; expected 1..{MAX_CAPTION_WORDS}")
 
 
-def write_grid(path, columns: list, labels: list[str], scale: int = 4):
-    """columns: list of [B, H, W, 3] uint8 arrays -> one PNG, rows = captions, columns = models (labels on top)."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    columns = [np.asarray(c).repeat(scale, axis=1).repeat(scale, axis=2) for c in columns]
-    b, h, w, _ = columns[0].shape
-    pad, top = 4, 14
-    grid = np.full((top + b * (h + pad), len(columns) * (w + pad), 3), 255, np.uint8)
-    for j, col in enumerate(columns):
-        for i in range(b):
-            y, x = top + i * (h + pad), j * (w + pad)
-            grid[y:y + h, x:x + w] = col[i]
-    im = Image.fromarray(grid)
-    draw = ImageDraw.Draw(im)
-    for j, label in enumerate(labels):
-        draw.text((j * (w + pad) + 2, 1), label[: max(4, w // 6)], fill=(0, 0, 0))
-    im.save(path)
-
-
 def run(args) -> int:
     import jax
     import jax.numpy as jnp
@@ -89,7 +69,8 @@ def run(args) -> int:
     from pqjax.cli import CommandError
     from pqjax.formats import nbytes
     from pqjax.shapes import assets, classifier, train_dit as td
-    from pqjax.shapes.benchmark import calib_batch, psnr_uint8
+    from pqjax.evaluate import psnr
+    from pqjax.shapes.benchmark import calib_batch, write_grid
 
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
@@ -147,7 +128,7 @@ def run(args) -> int:
         lat, img = sample(q)
         err = float(np.linalg.norm(lat - ref_lat) / np.linalg.norm(ref_lat))
         seen[v] = read(img)
-        rows.append(dict(variant=v, latent_rel_err=err, psnr=psnr_uint8(img, ref_img),
+        rows.append(dict(variant=v, latent_rel_err=err, psnr=psnr(img, ref_img, 255.0),
                          sum_site_E=sum(s.e_best for s in rep.sites), accepted=sum(s.accepted for s in rep.sites),
                          sites=len(rep.sites), param_bytes=int(nbytes(q)), quantize_s=tq))
         columns.append(img)

@@ -16,6 +16,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
+from pqjax import evaluate
 from pqjax.shapes import shapeeval
 from pqjax.shapes import train_dit as td
 from pqjax.shapes.data import make_dataset
@@ -47,12 +48,6 @@ def quantize_demo(state: td.TrainState, fmt: str, method: str, *, calib=None, pr
                           progress=progress)
 
 
-def psnr_uint8(x: np.ndarray, ref: np.ndarray) -> float:
-    """PSNR in dB of uint8 images against ``ref`` over the whole set (peak 255; inf when identical)."""
-    mse = float(np.mean((np.asarray(x, np.float64) - np.asarray(ref, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(255.0 ** 2 / mse)
-
-
 @dataclasses.dataclass
 class VariantResult:
     name: str
@@ -82,8 +77,8 @@ def run_variant(state: td.TrainState, classifier_params: dict, items: list, *, t
     res = shapeeval.score(classifier_params, images, items)
     out = VariantResult(name, res["tasks"], res["overall"], lat, images, seconds=time.perf_counter() - t0)
     if reference is not None:
-        out.latent_rel_err = float(np.linalg.norm(lat - reference.latents) / np.linalg.norm(reference.latents))
-        out.psnr = psnr_uint8(images, reference.images)
+        out.latent_rel_err = evaluate.relative_error(lat, reference.latents)
+        out.psnr = evaluate.psnr(images, reference.images, 255.0)
     return out
 
 
@@ -98,3 +93,22 @@ def markdown_table(results: list[VariantResult]) -> str:
         cells = " | ".join(f"{100 * r.tasks[t]:.1f}" for t in tasks)
         lines.append(f"| {r.name} | {cells} | **{100 * r.overall:.1f}** | {err} | {psnr} |")
     return "\n".join(lines)
+
+
+def write_grid(path, columns: list, labels: list[str], scale: int = 4):
+    """columns: list of uint8 ``[B, H, W, 3]`` arrays -> one PNG; rows = prompts, columns = models, labels on top."""
+    from PIL import Image, ImageDraw
+
+    columns = [np.asarray(c).repeat(scale, axis=1).repeat(scale, axis=2) for c in columns]
+    b, h, w, _ = columns[0].shape
+    pad, top = 4, 14
+    grid = np.full((top + b * (h + pad), len(columns) * (w + pad), 3), 255, np.uint8)
+    for j, col in enumerate(columns):
+        for i in range(b):
+            y, x = top + i * (h + pad), j * (w + pad)
+            grid[y:y + h, x:x + w] = col[i]
+    im = Image.fromarray(grid)
+    draw = ImageDraw.Draw(im)
+    for j, label in enumerate(labels):
+        draw.text((j * (w + pad) + 2, 1), label[: max(4, w // 6)], fill=(0, 0, 0))
+    im.save(path)
