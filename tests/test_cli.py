@@ -18,6 +18,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import pqjax
+from cli_helpers import run_main
 from pqjax.cli import main
 from pqjax.models.flux import FluxConfig
 from pqjax.models.synthetic import outlier_params
@@ -61,16 +62,6 @@ def work(tmp_path_factory):
     emb = write_embeds(d / "embeds.safetensors", CFG)
     assert main(["convert", src, str(d / "model"), "--quiet"]) == 0
     return d
-
-
-def run_main(capsys, *argv):
-    """``pqjax.cli.main(argv)`` -> (exit code, stdout, stderr); argparse's SystemExit becomes its code."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def one_line_error(err: str, command: str) -> str:

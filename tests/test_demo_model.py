@@ -4,7 +4,6 @@ ask for, calibration on its own schedule, quantize + ShapeEval plumbing, and ``p
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -13,18 +12,12 @@ import pytest
 
 import pqjax
 from pqjax.calib import CalibBatch, calibrate
-from pqjax.cli import main
+from cli_helpers import fresh_seed as _fresh_seed, run_main
 from pqjax.models import flux
 from pqjax.pipeline import prepare_img_ids, prepare_txt_ids
 from pqjax.shapes import assets, shapeeval
 from pqjax.shapes import benchmark as B
 from pqjax.shapes import train_dit as td
-
-
-def _fresh_seed() -> int:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"fresh seed {seed}")
-    return seed
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +28,6 @@ def state():
 @pytest.fixture(scope="module")
 def cls():
     return assets.load_shapeeval()
-
-
-def run_main(capsys, *argv):
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_shipped_files_and_size():

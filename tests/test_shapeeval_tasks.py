@@ -3,21 +3,15 @@ on real generator images and on corrupted ones."""
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import numpy as np
 import pytest
+from cli_helpers import fresh_seed as _fresh_seed
 
 from pqjax.shapes import COLORS, POSITIONS, SHAPES, Tokenizer, UNK, assets, make_dataset, render
 from pqjax.shapes import classifier as C
 from pqjax.shapes import shapeeval as SE
-
-
-def _fresh_seed() -> int:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"fresh seed {seed}")
-    return seed
 
 
 def _truth(scene) -> dict:

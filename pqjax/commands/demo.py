@@ -63,21 +63,17 @@ def check_captions(captions: list[str]) -> None:
 def run(args) -> int:
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
-    import pqjax
     from pqjax.cli import CommandError
     from pqjax.formats import nbytes
     from pqjax.shapes import assets, classifier, train_dit as td
-    from pqjax.evaluate import psnr
-    from pqjax.shapes.benchmark import calib_batch, write_grid
+    from pqjax.evaluate import psnr, relative_error
+    from pqjax.shapes.benchmark import calib_batch, parse_variants, quantize_demo, write_grid
 
-    variants = [v for v in args.variants.split(",") if v]
-    for v in variants:
-        fmt, _, method = v.partition(":")
-        if fmt not in pqjax.formats.FORMATS or method not in pqjax.METHODS:
-            raise CommandError(f"bad variant {v!r}: expected format:method with format in {pqjax.formats.FORMATS} "
-                               f"and method in {pqjax.METHODS}")
+    try:
+        variants = parse_variants(args.variants)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
     if args.steps < 1:
         raise CommandError(f"--steps must be >= 1, got {args.steps}")
     captions = list(DEFAULT_CAPTIONS) if args.captions is None else [c.strip() for c in args.captions.split(";")
@@ -118,15 +114,12 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     calib = calib_batch(state, steps=args.steps) if variants else None
     columns, labels, rows = [ref_img], ["float"], []
-    for v in variants:
-        fmt, _, method = v.partition(":")
+    for v, fmt, method in variants:
         t0 = time.perf_counter()
-        q, rep = pqjax.quantize(state.params["transformer"], calib,
-                                config=pqjax.QuantConfig(format=fmt, method=method), model_config=cfg,
-                                progress=False)
+        q, rep = quantize_demo(state, fmt, method, calib=calib)
         tq = time.perf_counter() - t0
         lat, img = sample(q)
-        err = float(np.linalg.norm(lat - ref_lat) / np.linalg.norm(ref_lat))
+        err = relative_error(lat, ref_lat)
         seen[v] = read(img)
         rows.append(dict(variant=v, latent_rel_err=err, psnr=psnr(img, ref_img, 255.0),
                          sum_site_E=sum(s.e_best for s in rep.sites), accepted=sum(s.accepted for s in rep.sites),

@@ -65,8 +65,6 @@ def run_shapeeval(args) -> int:
 
     from pqjax.checkpoint import CheckpointError, load_model
     from pqjax.cli import CommandError
-    from pqjax.config import METHODS
-    from pqjax.formats import FORMATS
     from pqjax.shapes import assets, shapeeval
     from pqjax.shapes import benchmark as B
 
@@ -79,12 +77,10 @@ def run_shapeeval(args) -> int:
     if args.prompts or args.embeds or args.components:
         raise CommandError("--shapeeval uses its own prompts and the demo model's text encoder; drop "
                            "--prompts/--embeds/--components")
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    for v in variants:
-        fmt, _, method = v.partition(":")
-        if fmt not in FORMATS or method not in METHODS:
-            raise CommandError(f"--variants: bad entry {v!r}: expected format:method with format in {FORMATS} "
-                               f"and method in {METHODS}")
+    try:
+        variants = B.parse_variants(args.variants)
+    except ValueError as e:
+        raise CommandError(f"--variants: {e}") from None
     models = [m for m in (args.float, args.quant) if m is not None]
     for m in models:
         if not os.path.exists(m):
@@ -111,8 +107,7 @@ def run_shapeeval(args) -> int:
     log(args, f"pqjax eval --shapeeval: float {100 * ref.overall:.1f}% ({ref.seconds:.1f} s)")
     results = [ref]
     calib = B.calib_batch(state, steps=steps) if variants else None
-    for v in variants:
-        fmt, _, method = v.partition(":")
+    for v, fmt, method in variants:
         q, _ = B.quantize_demo(state, fmt, method, calib=calib)
         results.append(B.run_variant(state, cls, items, transformer=q, steps=steps, seed=seed, reference=ref,
                                      name=v))

@@ -26,6 +26,23 @@ FORMATS = ("nvfp4", "int4", "int3")
 METHODS = ("rtn", "smoothquant", "hadamard", "permuquant", "permuquant-h")
 
 
+def parse_variants(text: str) -> list[tuple[str, str, str]]:
+    """``"nvfp4:rtn,int3:permuquant"`` -> ``[(name, format, method), ...]``; ValueError naming a bad entry."""
+    from pqjax.config import METHODS as ALL_METHODS
+    from pqjax.formats import FORMATS as ALL_FORMATS
+
+    out = []
+    for v in (v.strip() for v in text.split(",")):
+        if not v:
+            continue
+        fmt, _, method = v.partition(":")
+        if fmt not in ALL_FORMATS or method not in ALL_METHODS:
+            raise ValueError(f"bad variant {v!r}: expected format:method with format in {ALL_FORMATS} and method "
+                             f"in {ALL_METHODS}")
+        out.append((v, fmt, method))
+    return out
+
+
 def calib_batch(state: td.TrainState, n: int = 32, steps: int = 20, seed: int = CALIB_SEED):
     """A :class:`pqjax.CalibBatch` for the demo model: ``n`` training-distribution captions (seed ``seed``), their
     text embeddings, seeded noise and the demo sampler's schedule (static shift 1, 2 pixels per latent)."""
