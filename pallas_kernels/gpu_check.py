@@ -81,18 +81,203 @@ def have_triton() -> bool:
     return True
 
 
-def compile_ttir(mod: TritonModule, cc: int = 90):
+def compile_ttir(mod: TritonModule, cc: int = 90, *, ttir_passes: bool = True):
     """Compile Triton IR text to PTX + cubin for ``sm_<cc>`` with the ``triton`` package.
 
-    Returns the triton ``CompiledKernel`` (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``).
+    ``ttir_passes``: first run Triton's own TTIR pipeline (inline, canonicalize, combine - which folds
+    ``acc + dot(a, b)`` into the MMA accumulator -, CSE, ...), as XLA's Triton pipeline does before
+    TTGIR; ``triton.compile`` skips it for an IR file.  Returns the triton ``CompiledKernel``
+    (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``).
     """
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import triton
     from triton.backends.compiler import GPUTarget
 
+    target = GPUTarget("cuda", cc, 32)
+    options = {"num_warps": mod.num_warps, "num_stages": mod.num_stages}
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, f"{mod.name}.ttir")
         with open(path, "w") as f:
             f.write(mod.ttir)
-        return triton.compile(path, target=GPUTarget("cuda", cc, 32),
-                              options={"num_warps": mod.num_warps, "num_stages": mod.num_stages})
+        if ttir_passes:
+            from triton._C.libtriton import ir as tir
+            from triton.compiler.compiler import make_backend
+
+            backend = make_backend(target)
+            ctx = tir.context()
+            tir.load_dialects(ctx)
+            backend.load_dialects(ctx)
+            module = tir.parse_mlir_module(path, ctx)
+            module.context = ctx
+            backend.make_ttir(module, {}, backend.parse_options(options), cc)
+            with open(path, "w") as f:
+                f.write(str(module))
+        return triton.compile(path, target=target, options=options)
+
+
+# --------------------------------------------------------------------------------------------
+# static budget: every kernel compiled for sm_90, its K loop counted (see pallas_kernels.budget)
+# --------------------------------------------------------------------------------------------
+def bf16_matmul(x, w_nk, *, block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3):
+    """A plain bf16 Pallas Triton GEMM ``x[M, K] @ w_nk[N, K].T`` with the quantized kernels' tiling.
+
+    The calibration point of the budget model: it must predict ~1.0 of bf16 peak.
+    """
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
+    m, k = x.shape
+    n = w_nk.shape[0]
+    block_m = min(block_m, m)
+
+    def kernel(x_ref, w_ref, o_ref):
+        def body(i, acc):
+            ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+            return acc + lax.dot_general(x_ref[:, ks], w_ref[:, ks], (((1,), (1,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+
+        acc = lax.fori_loop(0, k // block_k, body, jnp.zeros((block_m, block_n), jnp.float32))
+        o_ref[...] = acc.astype(o_ref.dtype)
+
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((m, n), x.dtype), grid=(m // block_m, n // block_n),
+        in_specs=[pl.BlockSpec((block_m, k), lambda i, j: (i, 0)), pl.BlockSpec((block_n, k), lambda i, j: (j, 0))],
+        out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages), name="bf16_gemm",
+    )(x, w_nk)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelBudget:
+    name: str
+    kernel: str  # Triton module name
+    loop: object  # budget.KLoop
+    budget: object  # budget.Budget
+    k_step: int  # K elements per loop iteration
+    grid_large: int  # programs at the large M
+    grid_small: int  # programs at the small M
+
+
+def _abstract_operands(m, k, n, fmt, group):
+    import jax
+    import jax.numpy as jnp
+
+    from pqjax.formats import quantize
+
+    w = jax.eval_shape(lambda: quantize(jnp.zeros((k, n), jnp.float32), fmt, axis=0, group_size=group))
+    return jax.ShapeDtypeStruct((m, k), jnp.bfloat16), w, jax.ShapeDtypeStruct((), jnp.float32)
+
+
+def kernel_catalog():
+    """``[(name, make(m, k, n) -> (fn, args), k_step)]``: every GEMM kernel the model uses, plus bf16."""
+    import jax
+    import jax.numpy as jnp
+
+    import pallas_kernels as pk
+
+    def quantized(op, fmt, group, hadamard=False):
+        def make(m, k, n):
+            x, w, gx = _abstract_operands(m, k, n, fmt, group)
+
+            def fn(x, w, gx):
+                with pk.use_impl("triton"):
+                    if op == "w4a16":
+                        return pk.w4a16_matmul(x, w)
+                    return pk.w4a4_matmul(x, w, act_global_scale=gx if fmt == "nvfp4" else None,
+                                          hadamard=hadamard)
+
+            return fn, (x, w, gx)
+
+        return make
+
+    def bf16(m, k, n):
+        return bf16_matmul, (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), jnp.bfloat16))
+
+    return [
+        ("bf16 Pallas GEMM (calibration)", bf16, 64),
+        ("W4A4 nvfp4", quantized("w4a4", "nvfp4", None), 64),
+        ("W4A4 nvfp4 + Hadamard", quantized("w4a4", "nvfp4", None, True), 64),
+        ("W4A16 nvfp4", quantized("w4a16", "nvfp4", None), 64),
+        ("W4A4 int4 g64", quantized("w4a4", "int4", 64), 64),
+        ("W4A4 int4 g128", quantized("w4a4", "int4", 128), 128),
+        ("W4A16 int4 g64", quantized("w4a16", "int4", 64), 64),
+        ("W4A4 int3 g64", quantized("w4a4", "int3", 64), 64),
+        ("W4A16 int3 g64", quantized("w4a16", "int3", 64), 64),
+    ]
+
+
+def _gemm_module(mods):
+    """The module holding the MMA loop (a call may also launch small helper kernels)."""
+    for mod in mods:
+        if "tt.dot" in mod.ttir:
+            return mod
+    raise ValueError(f"no Triton module with a tt.dot among {[m.name for m in mods]}")
+
+
+def _programs(mod) -> int:
+    gx, gy, gz = mod.grid
+    return gx * gy * gz
+
+
+def kernel_budget(name, make, k_step, *, m=4608, k=3072, n=3072, m_small=64, cc=90) -> KernelBudget:
+    from . import budget
+
+    fn, args = make(m, k, n)
+    mod = _gemm_module(triton_modules(lower_for_cuda(fn, *args)))
+    loop = budget.k_loop(compile_ttir(mod, cc).asm["ptx"])
+    fn_s, args_s = make(m_small, k, n)
+    small = _gemm_module(triton_modules(lower_for_cuda(fn_s, *args_s)))
+    useful = m * n * k_step // _programs(mod)  # one program's tile x one K step (no split-K at large M)
+    return KernelBudget(name, mod.name, loop, budget.predict(loop, mod.num_warps, useful_macs=useful), k_step,
+                        _programs(mod), _programs(small))
+
+
+def budget_report(*, m=4608, k=3072, n=3072, m_small=64, cc=90, only=None) -> list[KernelBudget]:
+    """Print the budget table of every kernel in :func:`kernel_catalog`; returns the rows."""
+    rows = []
+    hdr = (f"{'kernel':<34} {'instr/thread/step':>17} {'K step':>6} {'MMA per step':<30} {'MMA cyc':>8} "
+           f"{'issue cyc':>9} {'pred. x bf16':>12} {f'grid M={m}':>11} {f'grid M={m_small}':>10}")
+    print(f"static budget, sm_{cc}, M={m} K={k} N={n} (H100 model: 4 warp-instr/cycle/SM, 2048 bf16 / "
+          f"4096 int8 MACs/cycle/SM)")
+    print(hdr)
+    for name, make, k_step in kernel_catalog():
+        if only and not any(o in name for o in only):
+            continue
+        r = kernel_budget(name, make, k_step, m=m, k=k, n=n, m_small=m_small, cc=cc)
+        b = r.budget
+        print(f"{name:<34} {b.instructions:>17} {k_step:>6} {r.loop.mma_summary():<30} {b.mma_cycles:>8.0f} "
+              f"{b.issue_cycles:>9.0f} {b.fraction_of_bf16_peak:>12.2f} {r.grid_large:>11} {r.grid_small:>10}",
+              flush=True)
+        rows.append(r)
+    return rows
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Check the GPU path without a GPU.")
+    p.add_argument("--budget", action="store_true", help="static issue-vs-MMA budget of every kernel (sm_90)")
+    p.add_argument("--m", type=int, default=4608)
+    p.add_argument("--k", type=int, default=3072)
+    p.add_argument("--n", type=int, default=3072)
+    p.add_argument("--m-small", type=int, default=64)
+    p.add_argument("--cc", type=int, default=90)
+    p.add_argument("--only", nargs="*", help="substrings of kernel names to include")
+    args = p.parse_args(argv)
+    if not args.budget:
+        p.print_help()
+        return 0
+    if not have_triton():
+        print("the `triton` package is needed to compile for sm_90 on this host: pip install triton")
+        return 1
+    budget_report(m=args.m, k=args.k, n=args.n, m_small=args.m_small, cc=args.cc, only=args.only)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
