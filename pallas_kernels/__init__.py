@@ -38,12 +38,13 @@ import threading
 
 import jax
 
+from . import act_quant
 from . import reference
 from ._common import hadamard_matrix
 from . import triton_kernels
 
-__all__ = ["w4a4_matmul", "w4a16_matmul", "use_impl", "current_impl", "resolve_impl", "IMPLS",
-           "hadamard_matrix", "reference", "triton_kernels"]
+__all__ = ["quantize_activation", "w4a4_matmul", "w4a16_matmul", "use_impl", "current_impl", "resolve_impl",
+           "IMPLS", "hadamard_matrix", "reference", "triton_kernels", "act_quant"]
 
 IMPLS = ("xla", "triton", "interpret")
 _log = logging.getLogger(__name__)
@@ -151,3 +152,26 @@ def w4a16_matmul(x, w, *, bias=None, out_dtype=None, impl=None):
     """Weight-only linear ``x @ dequant(W) + bias`` (fp32 accumulation)."""
     kwargs = dict(bias=bias, out_dtype=out_dtype)
     return _dispatch("w4a16_matmul", triton_kernels.w4a16_matmul, reference.w4a16_matmul, impl, kwargs, x, w)
+
+
+def quantize_activation(x, fmt, *, global_scale=None, perm=None, hadamard=False, smooth=None, group_size=None,
+                        scale_dtype=None, impl=None):
+    """Quantize an activation ONCE for every linear that reads it -> packed :class:`pqjax.formats.QTensor`.
+
+    One pass over ``x[..., K]``: read in the site's channel order ``perm`` (the gather is fused), smooth
+    (``(x * smooth).astype(x.dtype)``), rotate per group (``hadamard``), quantize to ``fmt`` (nvfp4 with the
+    static ``global_scale``; int4/int3 per token per ``group_size`` with ``scale_dtype`` scales) and pack.
+    The result has x's logical shape, quantized along the last axis (codes ``[..., K/2]``, scales
+    ``[..., K/group]``, like a weight's storage) and feeds :func:`w4a4_matmul`.  Bit-identical to
+    :func:`pallas_kernels.reference.quantize_activation` (= ``pqjax.formats`` on the transformed x).
+    """
+    kwargs = dict(global_scale=global_scale, perm=perm, hadamard=hadamard, smooth=smooth, group_size=group_size,
+                  scale_dtype=scale_dtype)
+    impl = resolve_impl(impl)
+    if impl == "xla":
+        return reference.quantize_activation(x, fmt, **kwargs)
+    try:
+        return act_quant.quantize_activation(x, fmt, interpret=impl == "interpret", **kwargs)
+    except NotImplementedError as err:
+        _fallback_once("quantize_activation", err)
+        return reference.quantize_activation(x, fmt, **kwargs)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 __all__ = ["div", "e2m1_value", "e4m3_value", "round_e4m3", "round_e2m1", "round_half_even",
-           "clip", "interleave2", "interleave8"]
+           "clip", "interleave2", "interleave8", "e2m1_code", "e4m3_code", "rint_small", "fwht"]
 
 _F32 = jnp.float32
 _I32 = jnp.int32
@@ -145,3 +145,63 @@ def interleave8(planes):
     p0, p1, p2, p3 = interleave2(c[0], c[4]), interleave2(c[2], c[6]), interleave2(c[1], c[5]), interleave2(c[3], c[7])
     q0, q1 = interleave2(p0, p1), interleave2(p2, p3)  # q0[4i+2h+m] = c[4h+2m][i]; q1: c[4h+2m+1]
     return interleave2(q0, q1)
+
+
+# --------------------------------------------------------------------------------------------
+# bit-pattern encoders (a handful of integer ops per element instead of compare chains)
+# --------------------------------------------------------------------------------------------
+_TWO22 = 4194304.0  # 2^22: adding it rounds |y| < 2^22 to a multiple of 0.5 (RNE, in hardware)
+_TWO22_BITS = 0x4A800000
+_MAGIC_RINT = 12582912.0  # 1.5 * 2^23: adding it rounds |y| < 2^22 to an integer (RNE)
+_MAGIC_RINT_BITS = 0x4B400000
+
+
+def e2m1_code(y):
+    """float32 ``y`` in [-6, 6] -> int32 e2m1 code (0..15), round-to-nearest-even; = ``formats.e2m1_encode``.
+
+    |y| < 1 (zero / the subnormal 0.5 / rounding up to 1): ``bits(|y| + 2^22) - bits(2^22)`` counts halves.
+    |y| >= 1: round the f32 significand to 1 bit (RNE) and read exponent+mantissa off the bits:
+    ``(rounded_bits >> 22) - 252`` is ``(e2m1 exponent << 1) | mantissa``.  The sign is bit 31 (-0 -> 8).
+    NaN is not handled here (callers force their NaN blocks).
+    """
+    bits = lax.bitcast_convert_type(y, _I32)
+    a = lax.bitcast_convert_type(bits & 0x7FFFFFFF, _F32)
+    sub = lax.bitcast_convert_type(a + _TWO22, _I32) - _TWO22_BITS
+    ab = bits & 0x7FFFFFFF
+    normal = ((ab + (0x1FFFFF + ((ab >> 22) & 1))) >> 22) - 252
+    mag = jnp.where(a < 1.0, sub, normal)
+    return mag | ((bits >> 28) & 8)
+
+
+def e4m3_code(v):
+    """float32 ``v``: a non-negative float8_e4m3fn value (from :func:`round_e4m3`) or NaN -> int32 e4m3 bits."""
+    bits = lax.bitcast_convert_type(v, _I32)
+    normal = (bits >> 20) - ((127 - 7) << 3)  # rebias the exponent, keep 3 mantissa bits
+    sub = (v * 512.0).astype(_I32)  # v < 2^-6: an exact multiple of 2^-9
+    code = jnp.where(v < 2.0 ** -6, sub, normal)
+    return jnp.where(v != v, 0x7F, code)
+
+
+def rint_small(y):
+    """float32 ``y`` with ``|y| < 2^22`` -> nearest integer, ties to even, as int32 (``jnp.round``)."""
+    return lax.bitcast_convert_type(y + _MAGIC_RINT, _I32) - _MAGIC_RINT_BITS
+
+
+def fwht(planes):
+    """Unnormalized Walsh-Hadamard transform across a list of ``2^n`` equal-shape float32 planes.
+
+    ``out[i] = sum_j H[i, j] planes[j]`` with the Sylvester ``H`` (:func:`pallas_kernels.hadamard_matrix`),
+    evaluated as the in-place butterfly ``(a, b) -> (a + b, a - b)`` at strides 1, 2, 4, ...: ``log2(n)``
+    adds per element, and one fixed order of float32 operations that XLA and Triton both execute as written.
+    """
+    p = list(planes)
+    n = len(p)
+    if n & (n - 1):
+        raise ValueError(f"fwht needs a power-of-2 number of planes, got {n}")
+    h = 1
+    while h < n:
+        for i in range(0, n, 2 * h):
+            for j in range(i, i + h):
+                p[j], p[j + h] = p[j] + p[j + h], p[j] - p[j + h]
+        h *= 2
+    return p

@@ -33,6 +33,7 @@ class Peak:
                              ("s8", 4096), ("u8", 4096))
     bytes_per_second: float = 3.35e12  # HBM3 (H100 SXM); H200: 4.8e12
     bf16_flops: float = 989e12  # dense bf16 tensor-core peak, whole chip
+    sms: int = 132
 
     def rate(self, dtype: str) -> int:
         return dict(self.macs_per_cycle)[dtype]

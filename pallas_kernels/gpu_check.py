@@ -257,6 +257,64 @@ def budget_report(*, m=4608, k=3072, n=3072, m_small=64, cc=90, only=None) -> li
     return rows
 
 
+# FLUX.1 linear sites that read one quantized activation: (site, K, total N of its consumers)
+FLUX_ACT_SITES = (
+    ("P1 (to_q/k/v)", 3072, 3 * 3072),
+    ("P3 (ff.net.0.proj)", 3072, 12288),
+    ("P4 (ff.net.2)", 12288, 3072),
+    ("P2 (to_out.0)", 3072, 3072),
+    ("single P1 (q/k/v + proj_mlp)", 3072, 3 * 3072 + 12288),
+    ("single OUT (proj_out)", 15360, 3072),
+)
+
+
+def act_quant_report(*, m=4608, cc=90, variants=(("nvfp4", None, False, False), ("nvfp4", None, True, True),
+                                                 ("int4", 64, False, False))):
+    """Bandwidth model of the activation-quantize pass vs the MMA time of the GEMMs it feeds, per FLUX site.
+
+    Bytes: x read once (bf16) + packed codes + scales written.  Also the compiled kernel's PTX instructions per
+    element and the issue time they imply (all SMs, the clock implied by the bf16 peak), to show whether the pass
+    is bandwidth-bound as modeled.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    import pallas_kernels as pk
+
+    from . import budget
+
+    peak = budget.H100
+    clock = peak.bf16_flops / (2 * peak.rate("bf16") * peak.sms)
+    print(f"\nactivation-quantize pass (M={m}, bf16 x; {peak.bytes_per_second / 1e12:.2f} TB/s, bf16 peak "
+          f"{peak.bf16_flops / 1e12:.0f} TFLOP/s)")
+    print(f"{'format':<16} {'site':<30} {'K':>6} {'N fed':>6} {'MB moved':>9} {'t_bw us':>8} {'t_mma us':>9} "
+          f"{'bw/mma':>7} {'instr/elem':>10} {'t_issue us':>10}")
+    for fmt, group, perm, had in variants:
+        for site, k, n in FLUX_ACT_SITES:
+            x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+            args = (x, jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((k,), jnp.int32))
+
+            def fn(x, gs, pp):
+                with pk.use_impl("triton"):
+                    q = pk.quantize_activation(x, fmt, global_scale=gs if fmt == "nvfp4" else None,
+                                               perm=pp if perm else None, hadamard=had, group_size=group)
+                return q.codes, q.scales
+
+            (mod,) = triton_modules(lower_for_cuda(fn, *args))
+            ptx = compile_ttir(mod, cc).asm["ptx"]
+            instr = sum(budget._statements(line) for line in ptx.splitlines())  # no loop: one tile per program
+            threads = mod.num_warps * 32
+            elems = m * k / _programs(mod) / threads
+            t_issue = instr * mod.num_warps * _programs(mod) / (peak.issue_per_cycle * peak.sms * clock)
+            g = 16 if fmt == "nvfp4" else group
+            nbytes = m * k * 2 + m * k // 2 + m * (k // g) * (1 if fmt == "nvfp4" else 2)
+            t_bw = budget.bandwidth_seconds(nbytes)
+            t_mma = 2.0 * m * k * n / peak.bf16_flops
+            tag = fmt + (f" g{group}" if group else "") + (" perm" if perm else "") + (" had" if had else "")
+            print(f"{tag:<16} {site:<30} {k:>6} {n:>6} {nbytes / 1e6:>9.1f} {t_bw * 1e6:>8.1f} {t_mma * 1e6:>9.1f} "
+                  f"{t_bw / t_mma:>7.3f} {instr / elems:>10.1f} {t_issue * 1e6:>10.1f}", flush=True)
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -276,6 +334,7 @@ def main(argv=None) -> int:
         print("the `triton` package is needed to compile for sm_90 on this host: pip install triton")
         return 1
     budget_report(m=args.m, k=args.k, n=args.n, m_small=args.m_small, cc=args.cc, only=args.only)
+    act_quant_report(m=args.m, cc=args.cc)
     return 0
 
 

@@ -54,28 +54,38 @@ import jax.numpy as jnp
 from jax import lax
 
 from pqjax.formats import (
+    QTensor,
     e2m1_decode,
     int_group_quant,
     nvfp4_block_quant,
+    pack_3bit,
+    pack_4bit,
     unpack_3bit,
     unpack_4bit,
 )
 
-from ._common import check_args, hadamard_block, hadamard_matrix
+from . import _numerics as nm
+from ._common import check_args, check_packed_args, check_quantize_args, hadamard_block
 
-__all__ = ["w4a4_matmul", "w4a16_matmul", "hadamard_rotate", "dequantize_weight_parts"]
+__all__ = ["quantize_activation", "w4a4_matmul", "w4a4_matmul_packed", "w4a16_matmul", "hadamard_rotate",
+           "dequantize_weight_parts", "dequantize_act_parts"]
 
 _HI = lax.Precision.HIGHEST
 _NT = (((1,), (1,)), ((), ()))  # contract the last dim of [M, K] with the last dim of [N, K]
 
 
 def hadamard_rotate(x, block: int):
-    """``x[..., K]`` -> float32 ``x`` rotated per ``block`` by ``H_pm1 / sqrt(block)`` (see module doc)."""
+    """``x[..., K]`` -> float32 ``x`` rotated per ``block`` by ``H_pm1 / sqrt(block)`` (see module doc).
+
+    Evaluated as the butterfly :func:`pallas_kernels._numerics.fwht` over the ``block`` positions of each
+    group, then one multiply by ``f32(1 / sqrt(block))``: the same float32 operations, in the same
+    order, as the activation-quantize kernel, so both give the same bits.
+    """
     k = x.shape[-1]
-    h = jnp.asarray(hadamard_matrix(block))
     xg = x.astype(jnp.float32).reshape(*x.shape[:-1], k // block, block)
-    y = jnp.einsum("...gi,ij->...gj", xg, h, precision=_HI, preferred_element_type=jnp.float32)
-    return (y * jnp.float32(1.0 / float(block) ** 0.5)).reshape(x.shape)
+    planes = nm.fwht([xg[..., j] for j in range(block)])
+    y = jnp.stack(planes, axis=-1) * jnp.float32(1.0 / float(block) ** 0.5)
+    return y.reshape(x.shape)
 
 
 def _weight_codes(w):
@@ -104,28 +114,79 @@ def _epilogue(acc, bias, p):
     return acc.astype(p.out_dtype).reshape(*p.lead, p.n)
 
 
-def w4a4_matmul(x, w, *, bias=None, act_global_scale=None, hadamard=False, out_dtype=None):
-    """W4A4 reference: quantize ``x`` like ``w`` (see module doc), exact operand values, fp32 dot."""
-    p = check_args(x, w, bias, out_dtype, who="w4a4_matmul", act_global_scale=act_global_scale,
-                   need_act_scale=True)
+def quantize_activation(x, fmt, *, global_scale=None, perm=None, hadamard=False, smooth=None, group_size=None,
+                        scale_dtype=None):
+    """Reference activation quantization: ``pqjax.formats`` applied to the gathered / smoothed / rotated x.
+
+    ``x[..., K]`` -> ``QTensor`` of x's logical shape quantized along the last axis (codes ``[..., K/2]``
+    (``[..., 3K/8]`` for int3), scales ``[..., K/group]``).  In order: ``x[..., perm]`` (the site's channel
+    order), ``(x * smooth).astype(x.dtype)`` (SmoothQuant, in the permuted order), the per-group Hadamard
+    rotation (:func:`hadamard_rotate`, float32), then ``nvfp4_block_quant(x, global_scale)`` or
+    ``int_group_quant(x, bits, group, scale_dtype)``.  A traced nvfp4 ``global_scale`` that is not finite
+    and > 0 makes every block scale NaN (codes 0x8), like a non-finite block.
+    """
+    p = check_quantize_args(x, fmt, global_scale=global_scale, perm=perm, hadamard=hadamard, smooth=smooth,
+                            group_size=group_size, scale_dtype=scale_dtype)
     x2 = x.reshape(p.m, p.k)
+    if perm is not None:
+        x2 = jnp.take(x2, jnp.asarray(perm, jnp.int32), axis=1)
+    if smooth is not None:
+        x2 = (x2.astype(jnp.float32) * jnp.asarray(smooth, jnp.float32)).astype(x.dtype)
     if hadamard:
-        x2 = hadamard_rotate(x2, hadamard_block(p.fmt, p.group))
+        x2 = hadamard_rotate(x2, hadamard_block(fmt, p.group))
+    if fmt == "nvfp4":
+        gx = jnp.asarray(global_scale, jnp.float32)
+        codes, scales = nvfp4_block_quant(x2, gx)
+        ok = jnp.isfinite(gx) & (gx > 0)
+        scales = jnp.where(ok, scales, jnp.array(jnp.nan, scales.dtype))
+        codes = jnp.where(ok, codes, jnp.uint8(8))
+        packed, gs = pack_4bit(codes), gx
+    else:
+        codes, scales = int_group_quant(x2, 4 if fmt == "int4" else 3, p.group, p.scale_dtype)
+        packed, gs = (pack_4bit(codes) if fmt == "int4" else pack_3bit(codes)), None
+    return QTensor(packed.reshape(*p.lead, packed.shape[-1]), scales.reshape(*p.lead, scales.shape[-1]), gs,
+                   fmt=fmt, group_size=p.group, shape=tuple(x.shape), axis=x.ndim - 1, dtype=p.x_dtype.name)
+
+
+def dequantize_act_parts(xq):
+    """``(x_val [M, K] float32 = q * s exactly, global fp32 or None)`` of an activation QTensor."""
+    k = xq.shape[-1]
+    codes = xq.codes.reshape(-1, xq.codes.shape[-1])
+    m = codes.shape[0]
+    if xq.fmt == "nvfp4":
+        q = e2m1_decode(unpack_4bit(codes))
+    elif xq.fmt == "int4":
+        q = unpack_4bit(codes, signed=True).astype(jnp.float32)
+    else:
+        q = unpack_3bit(codes, signed=True).astype(jnp.float32)
+    g = xq.group_size
+    s = xq.scales.reshape(m, k // g).astype(jnp.float32)
+    val = (q.reshape(m, k // g, g) * s[..., None]).reshape(m, k)
+    gs = None if xq.global_scale is None else jnp.asarray(xq.global_scale, jnp.float32)
+    return val, gs
+
+
+def w4a4_matmul_packed(xq, w, *, bias=None, out_dtype=None):
+    """Reference packed x packed GEMM: exact operand values ``q * s`` of both QTensors, fp32 dot (module doc)."""
+    p = check_packed_args(xq, w, bias, out_dtype, who="w4a4_matmul")
+    x_val, gx = dequantize_act_parts(xq)
     w_val, gw = dequantize_weight_parts(w)
     if p.fmt == "nvfp4":
-        gx = jnp.asarray(act_global_scale, jnp.float32)
-        codes, sx = nvfp4_block_quant(x2, gx)
-        x_val = (e2m1_decode(codes).reshape(p.m, p.k // 16, 16) * sx.astype(jnp.float32)[..., None])
-        x_val = x_val.reshape(p.m, p.k).astype(jnp.bfloat16)  # exact
-        acc = lax.dot_general(x_val, w_val.astype(jnp.bfloat16), _NT, preferred_element_type=jnp.float32)
+        acc = lax.dot_general(x_val.astype(jnp.bfloat16), w_val.astype(jnp.bfloat16), _NT,
+                              preferred_element_type=jnp.float32)  # exact operands
         acc = acc * (gx * gw)
     else:
-        bits = 4 if p.fmt == "int4" else 3
-        qx, sx = int_group_quant(x2, bits, p.group, w.scales.dtype)
-        x_val = (qx.astype(jnp.float32).reshape(p.m, p.k // p.group, p.group)
-                 * sx.astype(jnp.float32)[..., None]).reshape(p.m, p.k)
         acc = lax.dot_general(x_val, w_val, _NT, precision=_HI, preferred_element_type=jnp.float32)
     return _epilogue(acc, bias, p)
+
+
+def w4a4_matmul(x, w, *, bias=None, act_global_scale=None, hadamard=False, out_dtype=None):
+    """W4A4 reference on a float ``x``: :func:`quantize_activation` like ``w``, then :func:`w4a4_matmul_packed`."""
+    check_args(x, w, bias, out_dtype, who="w4a4_matmul", act_global_scale=act_global_scale, need_act_scale=True)
+    xq = quantize_activation(x, w.fmt, global_scale=act_global_scale if w.fmt == "nvfp4" else None,
+                             hadamard=hadamard, group_size=w.group_size,
+                             scale_dtype=None if w.fmt == "nvfp4" else w.scales.dtype)
+    return w4a4_matmul_packed(xq, w, bias=bias, out_dtype=jnp.dtype(x.dtype) if out_dtype is None else out_dtype)
 
 
 def w4a16_matmul(x, w, *, bias=None, out_dtype=None):
