@@ -143,7 +143,21 @@ def _dispatch(name, kernel, ref, impl, kwargs, x, w):
 
 
 def w4a4_matmul(x, w, *, bias=None, act_global_scale=None, hadamard=False, out_dtype=None, impl=None):
-    """W4A4 linear ``x @ W + bias``: x quantized like ``w`` (nvfp4: static ``act_global_scale``)."""
+    """W4A4 linear ``x @ W + bias``.
+
+    ``x`` is either the packed activation from :func:`quantize_activation` (a QTensor: the packed x packed
+    GEMM, nothing re-quantized; share one ``xq`` between every linear that reads the same activation) or a
+    float array, which is first quantized like ``w`` (nvfp4: static ``act_global_scale``; ``hadamard``).
+    """
+    from pqjax.formats import QTensor
+
+    if isinstance(x, QTensor):
+        if act_global_scale is not None or hadamard:
+            raise ValueError("w4a4_matmul: act_global_scale / hadamard belong to quantize_activation; the packed "
+                             f"xq of shape {x.shape} already carries them")
+        kwargs = dict(bias=bias, out_dtype=out_dtype)
+        return _dispatch("w4a4_matmul", triton_kernels.w4a4_packed, reference.w4a4_matmul_packed, impl, kwargs,
+                         x, w)
     kwargs = dict(bias=bias, act_global_scale=act_global_scale, hadamard=hadamard, out_dtype=out_dtype)
     return _dispatch("w4a4_matmul", triton_kernels.w4a4_matmul, reference.w4a4_matmul, impl, kwargs, x, w)
 

@@ -75,6 +75,7 @@ class KLoop:
     first_line: int  # 1-based line numbers of the loop header label and the back branch
     last_line: int
     num_warps: int | None  # from .maxntid / .reqntid (None if absent)
+    moves: int = 0  # of the instructions, ``mov`` (register copies / constants; ptxas folds most of them)
 
     def mma_summary(self) -> str:
         return ", ".join(f"{m.count}x {m.opcode} {m.shape} {m.dtype}" for m in self.mmas)
@@ -99,16 +100,20 @@ class Budget:
         return "mma" if self.mma_cycles >= self.issue_cycles else "issue"
 
 
-def _statements(line: str) -> int:
-    """PTX instructions on one line (directives, labels, braces and comments count 0)."""
+def _stmts(line: str) -> list:
     code = line.split("//", 1)[0]
-    n = 0
+    out = []
     for stmt in code.split(";"):
         s = stmt.strip().lstrip("{}").strip()
         if not s or s.startswith(".") or s.startswith("$") or s.endswith(":"):
             continue
-        n += 1
-    return n
+        out.append(s)
+    return out
+
+
+def _statements(line: str) -> int:
+    """PTX instructions on one line (directives, labels, braces and comments count 0)."""
+    return len(_stmts(line))
 
 
 def _mma_dtype(suffix: str) -> str:
@@ -145,8 +150,9 @@ def k_loop(ptx: str) -> KLoop:
     mmas = tuple(Mma(*key, count=c) for key, c in sorted(counts.items()))
     ntid = _NTID.search(ptx)
     warps = int(ntid.group(1)) // 32 if ntid else None
-    instr = sum(_statements(lines[i]) for i in range(a + 1, b + 1))
-    return KLoop(instr, mmas, a + 1, b + 1, warps)
+    stmts = [st for i in range(a + 1, b + 1) for st in _stmts(lines[i])]
+    moves = sum(st.split()[0].startswith("mov.") for st in stmts)
+    return KLoop(len(stmts), mmas, a + 1, b + 1, warps, moves)
 
 
 def predict(loop: KLoop, num_warps: int | None = None, peak: Peak = H100, useful_macs: int | None = None) -> Budget:

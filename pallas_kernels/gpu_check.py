@@ -161,6 +161,31 @@ class KernelBudget:
     k_step: int  # K elements per loop iteration
     grid_large: int  # programs at the large M
     grid_small: int  # programs at the small M
+    registers: int | None = None  # per thread (ptxas)
+    spill_bytes: int | None = None  # spill stores (ptxas)
+
+
+def ptxas_usage(ptx: str, cc: int = 90):
+    """``(registers per thread, spill-store bytes)`` from ``ptxas -v`` (the triton package's ptxas), or Nones."""
+    import re
+    import subprocess
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        exe = get_ptxas(cc).path
+    except Exception:
+        return None, None
+    arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([exe, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", r.stderr)
+    return (int(regs.group(1)) if regs else None), (int(spill.group(1)) if spill else None)
 
 
 def _abstract_operands(m, k, n, fmt, group):
@@ -174,24 +199,35 @@ def _abstract_operands(m, k, n, fmt, group):
 
 
 def kernel_catalog():
-    """``[(name, make(m, k, n) -> (fn, args), k_step)]``: every GEMM kernel the model uses, plus bf16."""
+    """``[(name, make(m, k, n) -> (fn, args), k_step)]``: every GEMM kernel the model uses, plus bf16.
+
+    W4A4 kernels take the packed activation (``quantize_activation``'s QTensor; the Hadamard rotation and the
+    gather live in that pass, see :func:`act_quant_report`), W4A16 kernels a bf16 (or fp16) x.
+    """
     import jax
     import jax.numpy as jnp
 
     import pallas_kernels as pk
+    from pallas_kernels import reference
 
-    def quantized(op, fmt, group, hadamard=False):
+    def quantized(op, fmt, group, x_dtype=jnp.bfloat16):
         def make(m, k, n):
             x, w, gx = _abstract_operands(m, k, n, fmt, group)
-
-            def fn(x, w, gx):
-                with pk.use_impl("triton"):
-                    if op == "w4a16":
+            x = jax.ShapeDtypeStruct(x.shape, x_dtype)
+            if op == "w4a16":
+                def fn(x, w):
+                    with pk.use_impl("triton"):
                         return pk.w4a16_matmul(x, w)
-                    return pk.w4a4_matmul(x, w, act_global_scale=gx if fmt == "nvfp4" else None,
-                                          hadamard=hadamard)
 
-            return fn, (x, w, gx)
+                return fn, (x, w)
+            xq = jax.eval_shape(lambda x, g: reference.quantize_activation(
+                x, fmt, global_scale=g if fmt == "nvfp4" else None, group_size=group), x, gx)
+
+            def fn(xq, w):
+                with pk.use_impl("triton"):
+                    return pk.w4a4_matmul(xq, w)
+
+            return fn, (xq, w)
 
         return make
 
@@ -201,8 +237,8 @@ def kernel_catalog():
     return [
         ("bf16 Pallas GEMM (calibration)", bf16, 64),
         ("W4A4 nvfp4", quantized("w4a4", "nvfp4", None), 64),
-        ("W4A4 nvfp4 + Hadamard", quantized("w4a4", "nvfp4", None, True), 64),
-        ("W4A16 nvfp4", quantized("w4a16", "nvfp4", None), 64),
+        ("W4A16 nvfp4 (bf16 x)", quantized("w4a16", "nvfp4", None), 64),
+        ("W4A16 nvfp4 (fp16 x)", quantized("w4a16", "nvfp4", None, jnp.float16), 64),
         ("W4A4 int4 g64", quantized("w4a4", "int4", 64), 64),
         ("W4A4 int4 g128", quantized("w4a4", "int4", 128), 128),
         ("W4A16 int4 g64", quantized("w4a16", "int4", 64), 64),
@@ -229,19 +265,22 @@ def kernel_budget(name, make, k_step, *, m=4608, k=3072, n=3072, m_small=64, cc=
 
     fn, args = make(m, k, n)
     mod = _gemm_module(triton_modules(lower_for_cuda(fn, *args)))
-    loop = budget.k_loop(compile_ttir(mod, cc).asm["ptx"])
+    kern = compile_ttir(mod, cc)
+    loop = budget.k_loop(kern.asm["ptx"])
     fn_s, args_s = make(m_small, k, n)
     small = _gemm_module(triton_modules(lower_for_cuda(fn_s, *args_s)))
     useful = m * n * k_step // _programs(mod)  # one program's tile x one K step (no split-K at large M)
+    regs, spill = ptxas_usage(kern.asm["ptx"], cc)
     return KernelBudget(name, mod.name, loop, budget.predict(loop, mod.num_warps, useful_macs=useful), k_step,
-                        _programs(mod), _programs(small))
+                        _programs(mod), _programs(small), regs, spill)
 
 
 def budget_report(*, m=4608, k=3072, n=3072, m_small=64, cc=90, only=None) -> list[KernelBudget]:
     """Print the budget table of every kernel in :func:`kernel_catalog`; returns the rows."""
     rows = []
-    hdr = (f"{'kernel':<34} {'instr/thread/step':>17} {'K step':>6} {'MMA per step':<30} {'MMA cyc':>8} "
-           f"{'issue cyc':>9} {'pred. x bf16':>12} {f'grid M={m}':>11} {f'grid M={m_small}':>10}")
+    hdr = (f"{'kernel':<30} {'instr/thread/step':>17} {'(mov)':>5} {'K step':>6} {'MMA per step':<27} "
+           f"{'MMA cyc':>7} {'issue cyc':>9} {'pred. x bf16':>12} {f'grid M={m}':>11} {f'grid M={m_small}':>10} "
+           f"{'regs':>4} {'spill':>5}")
     print(f"static budget, sm_{cc}, M={m} K={k} N={n} (H100 model: 4 warp-instr/cycle/SM, 2048 bf16 / "
           f"4096 int8 MACs/cycle/SM)")
     print(hdr)
@@ -250,8 +289,9 @@ def budget_report(*, m=4608, k=3072, n=3072, m_small=64, cc=90, only=None) -> li
             continue
         r = kernel_budget(name, make, k_step, m=m, k=k, n=n, m_small=m_small, cc=cc)
         b = r.budget
-        print(f"{name:<34} {b.instructions:>17} {k_step:>6} {r.loop.mma_summary():<30} {b.mma_cycles:>8.0f} "
-              f"{b.issue_cycles:>9.0f} {b.fraction_of_bf16_peak:>12.2f} {r.grid_large:>11} {r.grid_small:>10}",
+        print(f"{name:<30} {b.instructions:>17} {r.loop.moves:>5} {k_step:>6} {r.loop.mma_summary():<27} "
+              f"{b.mma_cycles:>7.0f} {b.issue_cycles:>9.0f} {b.fraction_of_bf16_peak:>12.2f} {r.grid_large:>11} "
+              f"{r.grid_small:>10} {r.registers or '?':>4} {r.spill_bytes if r.spill_bytes is not None else '?':>5}",
               flush=True)
         rows.append(r)
     return rows

@@ -5,18 +5,22 @@
 bfloat16, float16 or float32; leading dims are flattened to ``M``.  Output ``[..., N]`` in
 ``out_dtype`` (default ``x.dtype``); ``bias`` is added in float32 before the cast.
 
-W4A4 (:func:`w4a4_matmul`): the activation is quantized with the weight's format by
-:mod:`pqjax.formats` itself (so it is bit-identical to ``fake_quant``):
+Activation (:func:`quantize_activation`): ONE quantization per site, shared by every linear reading it:
+``x[..., perm]`` (the site's channel order), ``(x * smooth).astype(x.dtype)``, the per-group Hadamard
+rotation, then :mod:`pqjax.formats` itself (bit-identical to ``fake_quant`` of the transformed x):
 
-* nvfp4: per 16-block with the STATIC fp32 ``act_global_scale`` (from calibration):
-  ``nvfp4_block_quant(x, gx)``.
+* nvfp4: per 16-block with the STATIC fp32 global scale (from calibration): ``nvfp4_block_quant(x, gx)``.
 * int4 / int3: per token per group (dynamic), the weight's group size and scale dtype:
-  ``int_group_quant(x, bits, group, w.scales.dtype)``.
-* ``hadamard=True`` (PermuQuant-H): before quantizing, x is rotated per group (block 16 for
-  nvfp4) by the normalized Sylvester Hadamard matrix, computed as ``(x_g @ H_pm1) * (1/sqrt(g))``
-  in float32 (``H_pm1`` has entries +-1, so the products are exact; HIGHEST precision).  The
-  weight is NOT rotated here: whoever built ``w`` rotated it offline with the same symmetric
-  orthogonal matrix, ``W_rot[group rows] = (H_pm1 / sqrt(g)) @ W[group rows]``.
+  ``int_group_quant(x, bits, group, scale_dtype)``.
+* ``hadamard=True`` (PermuQuant-H): x is rotated per group (block 16 for nvfp4) by the normalized
+  Sylvester Hadamard matrix ``H_pm1 / sqrt(g)``, evaluated as the butterfly :func:`_numerics.fwht`
+  (log2(g) float32 add/sub levels) and one multiply by ``f32(1/sqrt(g))``: a fixed float32 operation
+  order, so the kernel reproduces it bit for bit.  The weight is NOT rotated here: whoever built ``w``
+  rotated it offline with the same symmetric orthogonal matrix, ``W_rot[group rows] = (H_pm1 / sqrt(g))
+  @ W[group rows]``.
+
+W4A4 (:func:`w4a4_matmul_packed`): two QTensors, the packed activation and the weight.
+:func:`w4a4_matmul` on a float x is :func:`quantize_activation` like ``w`` followed by it.
 
 Products:
 
@@ -31,15 +35,15 @@ Products:
   exact).  Both are therefore equal up to fp32 accumulation order.  (float16 / float32 scales:
   each term is rounded once more, still at fp32-rounding level.)
 
-Rounding ties (read this before comparing bits): the formulas divide (``x / global``,
-``amax / 6``, ``x' / s``, ``x / s``) and exact RNE ties are common (bf16 inputs carry 8
-significant bits, e4m3 scales 4).  The kernels evaluate every division correctly rounded (IEEE;
-``div.rn.f32`` on CUDA), i.e. DESIGN.md's formulas in IEEE float32.  XLA does not: its algebraic
-simplifier rewrites ``a / broadcast(b)`` into ``a * broadcast(1/b)`` and ``(a/b)/c`` into
-``a/(b*c)`` (seen on CPU), and XLA:GPU emits the approximate ``div.full.f32`` for f32 division.
-So this reference (= ``pqjax.formats`` under XLA) breaks roughly 1 in 2000 nvfp4 activation
-codes of bf16 data the other way; the tests allow exactly that (a few codes one step off per
-output) between kernel and reference, and hold the kernel to the IEEE model with no slack.
+Rounding ties (read this before comparing bits): the formulas divide and exact RNE ties are common
+(bf16 inputs carry 8 significant bits, e4m3 scales 4).  :mod:`pqjax.formats` writes every division as a
+multiplication by the IEEE float32 reciprocal (``div_by_scale``; what XLA compiles ``x / s`` into
+anyway), and the activation kernel does exactly that (``div.rn.f32`` for the reciprocal on CUDA), so
+kernel and reference codes are bit-identical.  Against true divisions (DESIGN.md's formulas in IEEE
+float32) roughly 1 in 2000 nvfp4 activation codes of bf16 data break a tie the other way; the tests
+allow exactly that against an IEEE model, and nothing between kernel and reference.  (XLA:GPU lowers
+the reference's f32 divisions to the approximate ``div.full.f32``: on a GPU the XLA reference can
+differ from both in rare codes.)
 
 W4A16 (:func:`w4a16_matmul`): weight-only.  nvfp4: ``x @ (q*s)`` with ``q*s`` exact in the
 compute dtype (x's 16-bit dtype, or float32 with HIGHEST precision for float32 x), fp32

@@ -1,31 +1,23 @@
-"""Pallas kernels (Triton backend) for W4A4 and W4A16 linears on packed nvfp4 / int4 / int3 weights.
+"""Pallas kernels (Triton backend): the packed x packed W4A4 GEMM and the W4A16 GEMM.
 
-One program computes an output tile ``[bm, bn]``; a ``fori_loop`` walks K in steps of ``bk``
-(fp32 accumulator).  Per K step:
+One program computes an output tile ``[bm, bn]`` over a range of K (``split_k`` > 1 splits K over a third
+grid axis; fp32 partial sums are reduced by XLA).  Per K step:
 
-* x tile ``[bm, bk]`` -> (optional per-group Hadamard rotation: one dot with
-  ``blockdiag(H_g, ...)`` ``[bk, bk]`` (+-1 / 0, passed as an input), then ``* 1/sqrt(g)``) -> quantized in registers with the arithmetic of
-  :mod:`pqjax.formats` spelled out in shifts, masks, compares and float ops
-  (:mod:`pallas_kernels._numerics`; e4m3 scale rounding and e2m1 rounding by hand, so it works on
-  sm_80 too; correctly rounded divisions via ``div.rn.f32``).
-* packed weight tile decoded with shifts and masks: 4-bit codes ``[bn, bk/2]`` -> low / high nibble
-  tiles -> values -> interleaved back to ``[bn, bk]`` with a 2-way ``tt.join`` + reshape (the same
-  trick Pallas uses for int4 loads); int3: three stride-3 byte loads -> 24-bit words -> 8 code
-  planes -> three levels of join.  e4m3 scales decoded from their uint8 bits by hand.
-* MMA: ``lax.dot_general(bf16, bf16, preferred_element_type=f32)``.
+* W4A4 nvfp4: both operands arrive packed (``xq`` from :func:`pallas_kernels.quantize_activation`, the weight
+  QTensor).  Each is decoded into a low-nibble and a high-nibble fp16 plane (:mod:`pallas_kernels._decode`:
+  PTX on 4 bytes per register, ``q * s * 2^-14`` exact), and ``acc += lo_x @ lo_w.T + hi_x @ hi_w.T`` (fp16
+  MMA, fp32 accumulation).  Epilogue ``(acc * 2^28) * (gx * gw) + bias``.
+* W4A4 int4 (int3): per group, ``16 * code`` int8 planes (int3: the codes themselves), s8 x s8 -> s32 MMA
+  (exact), then ``acc += f32(acc_i) * ((sx * 2^-8) * sw)``.  The int32 -> f32 conversion is free: the MMA
+  accumulates onto the bits of 1.5 * 2^23, so ``bitcast(acc_i) - 1.5 * 2^23`` is the dot exactly
+  (|dot| < 2^22); no I2F.  Scales arrive as float32 ``[groups, rows]`` (one contiguous row per step).
+* W4A16: the weight planes as above against the matching even / odd columns of x (nvfp4; bf16 x gets the
+  fp16 plane converted to bf16, exact), INT per group with ``acc += (x_g @ q_g.T) * sw``; float32 x decodes to
+  float32 and uses IEEE fp32 dots.
 
-Formulations (equal to :mod:`pallas_kernels.reference` up to fp32 accumulation order):
-
-* nvfp4 (bk = 64: 4 blocks of 16 per step): operands are the exact values ``q*s`` in
-  bf16; ``acc += x_val @ w_val.T``; epilogue ``acc * (gx*gw) + bias``.
-* int (bk = the group size): ``acc += (qx @ qw.T) * (sx[:, None] * sw[None, :])`` with integer
-  codes in bf16 (the per-group dot is exact); epilogue ``acc + bias``.
-* W4A16: as above without the activation quantization; x in its own 16-bit dtype (f32 x: f32
-  operands with HIGHEST precision, which Triton lowers to IEEE fp32 FMA).
-
-M is padded to the row block (zero rows quantize to exact zeros) and sliced off again.  Shapes a
-kernel cannot serve raise ``NotImplementedError`` (the dispatcher then uses the reference):
-N not a multiple of 16, K not a multiple of 16 (nvfp4) or an INT group that is not a power of 2.
+Formulations are equal to :mod:`pallas_kernels.reference` up to fp32 accumulation order.  M is padded to
+the row block (zero rows: exact zeros) and sliced off again.  Shapes a kernel cannot serve raise
+``NotImplementedError`` (the dispatcher then uses the reference).
 """
 from __future__ import annotations
 
@@ -39,15 +31,22 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from . import _numerics as nm
-from ._common import Problem, check_args, hadamard_block, hadamard_matrix
+from pqjax.formats import QTensor
 
-__all__ = ["Blocks", "choose_blocks", "w4a4_matmul", "w4a16_matmul"]
+from . import _decode as dec
+from . import _numerics as nm
+from . import act_quant
+from ._common import Problem, check_args, check_packed_args
+
+__all__ = ["Blocks", "choose_blocks", "split_k_rule", "w4a4_matmul", "w4a16_matmul", "NUM_SMS"]
 
 _F32 = jnp.float32
-_BF16 = jnp.bfloat16
+_F16 = jnp.float16
 _NT = (((1,), (1,)), ((), ()))  # [M, K] x [N, K] -> [M, N]
-_NN = (((1,), (0,)), ((), ()))  # [M, K] x [K, N] -> [M, N]
+_HI = lax.Precision.HIGHEST
+NUM_SMS = 132  # H100 / H200: the grid should have at least this many programs
+_MAGIC = 12582912.0  # 1.5 * 2^23: bitcast(i + 0x4B400000) - this == float(i) exactly for |i| < 2^22
+_MAGIC_BITS = 0x4B400000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,44 +56,53 @@ class Blocks:
     bk: int
     num_warps: int
     num_stages: int
+    split_k: int = 1
 
 
-def _pow2_le(n: int, cap: int) -> int:
-    b = 16
-    while b * 2 <= cap and b * 2 <= n:
+def _pow2_at_least(n: int, lo: int = 16) -> int:
+    b = lo
+    while b < n:
         b *= 2
     return b
 
 
-def _largest_dividing(n: int, cands=(128, 64, 32, 16)) -> int | None:
-    return next((c for c in cands if n % c == 0), None)
+def split_k_rule(tiles: int, k_steps: int, *, min_steps: int = 2) -> int:
+    """Smallest power-of-2 K split giving ``>= NUM_SMS`` programs, keeping ``>= min_steps`` K steps per split."""
+    s = 1
+    while tiles * s < NUM_SMS and k_steps % (2 * s) == 0 and k_steps // (2 * s) >= min_steps:
+        s *= 2
+    return s
 
 
-def choose_blocks(p: Problem, *, w4a4: bool, hadamard: bool = False, block_m=None, block_n=None,
-                  block_k=None, num_warps=None, num_stages=None) -> Blocks:
-    """Block sizes for one problem: a small static table (overrides win).
+def choose_blocks(p: Problem, *, w4a4: bool, x_dtype=None, block_m=None, block_n=None, block_k=None,
+                  num_warps=None, num_stages=None, split_k=None) -> Blocks:
+    """Tile sizes for one problem from a small static table (overrides win); split-K for small grids.
 
-    Chosen from ptxas register/spill reports for sm_80 and sm_90 at FLUX shapes (no GPU timing
-    yet; ``python -m pallas_kernels.bench --autotune`` on a GPU refines it): 128x128 tiles with 8
-    warps and bk=64 (nvfp4) / one group (INT) compile without spills; the Hadamard variants need
-    64-row tiles with 4 warps.  Raises NotImplementedError for shapes the kernels do not serve.
+    From the static K-loop budget (``python -m pallas_kernels.gpu_check --budget``) and ptxas register counts
+    on sm_90: nvfp4 W4A4 / W4A16 use 128x256 tiles with 8 warps (the decode of a 256-wide weight tile
+    amortizes over 128 rows and vice versa), INT kernels 128x128 (a second, int32 / per-group accumulator
+    must fit).  Small M gets 64-row tiles with 4 warps (M <= 64; fewer rows pad to 16) and split-K.
     """
     if p.n % 16:
         raise NotImplementedError(f"N={p.n} is not a multiple of 16 (Triton block dims are powers of 2 >= 16)")
     if p.fmt == "nvfp4":
-        if p.k % 16:
-            raise NotImplementedError(f"K={p.k} is not a multiple of 16")
-        bk = block_k or _largest_dividing(p.k, (64, 32, 16))
-        if bk % 16 or p.k % bk or bk & (bk - 1):
-            raise NotImplementedError(f"block_k={bk} must be a power of 2, a multiple of 16 and divide K={p.k}")
+        bk = block_k or next((c for c in (64, 32) if p.k % c == 0), None)
+        if bk is None or p.k % bk or bk & (bk - 1) or bk < 32:
+            raise NotImplementedError(f"nvfp4 K={p.k} needs a power-of-2 block_k >= 32 dividing it (got {bk})")
     else:
-        if p.group & (p.group - 1) or p.group < 16:
-            raise NotImplementedError(f"INT group size {p.group} is not a power of 2 >= 16")
-        if block_k not in (None, p.group):
-            raise NotImplementedError(f"INT kernels step K by one group ({p.group}), got block_k={block_k}")
-        bk = p.group
-    bm = block_m or _pow2_le(p.m, 64 if (w4a4 and hadamard) else 128)
-    bn = block_n or _largest_dividing(p.n, (128, 64, 32, 16) if p.m > 16 else (64, 32, 16))
+        bk = block_k or p.group
+        if bk % p.group or p.k % bk:
+            raise NotImplementedError(f"INT kernels step K by whole groups ({p.group}) dividing K={p.k}, "
+                                      f"got block_k={bk}")
+    wide = p.fmt == "nvfp4" and (w4a4 or jnp.dtype(x_dtype).itemsize == 2)
+    small = p.m <= 64
+    bm = block_m or (_pow2_at_least(p.m) if small else 128)
+    if block_n:
+        bn = block_n
+    elif small:
+        bn = next(c for c in (128, 64, 32, 16) if p.n % c == 0)
+    else:
+        bn = next(c for c in ((256, 128, 64, 32, 16) if wide else (128, 64, 32, 16)) if p.n % c == 0)
     if bm < 16 or bm & (bm - 1):
         raise NotImplementedError(f"block_m={bm} must be a power of 2 >= 16")
     if bn < 16 or bn & (bn - 1) or p.n % bn:
@@ -102,12 +110,17 @@ def choose_blocks(p: Problem, *, w4a4: bool, hadamard: bool = False, block_m=Non
     if num_warps is None:
         num_warps = 8 if bm * bn >= 128 * 128 else 4
     if num_stages is None:
-        num_stages = 3
-    return Blocks(bm, bn, bk, num_warps, num_stages)
+        num_stages = 2 if bm * bn > 128 * 128 else 3
+    k_steps = p.k // bk
+    if split_k is None:
+        split_k = split_k_rule(-(-p.m // bm) * (p.n // bn), k_steps)
+    if split_k < 1 or k_steps % split_k:
+        raise NotImplementedError(f"split_k={split_k} must divide the {k_steps} K steps")
+    return Blocks(bm, bn, bk, num_warps, num_stages, split_k)
 
 
 # --------------------------------------------------------------------------------------------
-# in-kernel building blocks
+# in-kernel operand decoding
 # --------------------------------------------------------------------------------------------
 def _bcast_groups(s, width):
     """``s [R, G]`` -> ``[R, G * width]`` with each entry repeated ``width`` times."""
@@ -115,207 +128,278 @@ def _bcast_groups(s, width):
     return jnp.broadcast_to(s[:, :, None], (r, g, width)).reshape(r, g * width)
 
 
-def _rotate(x, h_ref, block, cdt):
-    """Per-``block`` Hadamard rotation of an x tile ``[bm, bk]`` (original dtype) -> float32.
-
-    ``h_ref`` holds ``blockdiag(H_block, ..., H_block)`` of size ``[bk, bk]`` (+-1 and 0): one
-    MMA-shaped dot, no reshapes.  The zeros add exact zeros, so the value is the per-block dot.
-    """
-    h = h_ref[...]
-    if cdt == _F32:
-        y = lax.dot_general(x.astype(_F32), h, _NN, precision=lax.Precision.HIGHEST,
-                            preferred_element_type=_F32)
-    else:  # 16-bit x times +-1 entries: exact products, fp32 accumulation
-        y = lax.dot_general(x.astype(cdt), h, _NN, preferred_element_type=_F32)
-    return y * (1.0 / float(block) ** 0.5)
+def _nvfp4_planes(c_ref, s_ref, k, bk, asm):
+    """K step ``k`` of packed nvfp4 rows -> (lo, hi) fp16 planes ``[R, bk/2]`` of ``q * s * 2^-14``."""
+    c = c_ref[:, pl.ds(pl.multiple_of(k * (bk // 2), bk // 2), bk // 2)]
+    s16 = dec.e4m3_to_f16(s_ref[:, pl.ds(k * (bk // 16), bk // 16)])  # decoded once per block
+    return dec.nvfp4_planes(c, _bcast_groups(s16, 8), asm=asm)
 
 
-def _nonfinite(xg):
-    """``xg [..., G, g]`` -> ``[..., G]`` True where the group holds a NaN or +-Inf.
-
-    (Triton's max is NaN-ignoring, so non-finite groups are detected with ``sum(x - x)``.)
-    """
-    return jnp.sum(xg - xg, axis=-1) != 0.0
-
-
-def _quant_nvfp4_tile(x, gx, dm):
-    """float32 x tile ``[bm, bk]`` -> exact bf16 values ``q * s`` (no global), nvfp4 arithmetic."""
-    bm, bk = x.shape
-    xg = x.reshape(bm, bk // 16, 16)
-    xs = nm.div(x, gx, dm)
-    amax = jnp.max(jnp.abs(xs).reshape(bm, bk // 16, 16), axis=-1)
-    s = nm.round_e4m3(jnp.minimum(nm.div(amax, 6.0, dm), 448.0))
-    s = jnp.where(_nonfinite(xg), jnp.nan, s)
-    sb = _bcast_groups(s, 16)
-    y = jnp.where(sb > 0, nm.div(xs, jnp.where(sb > 0, sb, 1.0), dm), 0.0)
-    q = nm.round_e2m1(nm.clip(y, -6.0, 6.0))
-    return (q * sb).astype(_BF16)
-
-
-def _quant_int_tile(x, qmax, sdt, dm):
-    """float32 x tile ``[bm, g]`` (one group) -> (bf16 integer codes, f32 scales [bm])."""
-    amax = jnp.max(jnp.abs(x), axis=-1)
-    s = jnp.minimum(nm.div(amax, float(qmax), dm), float(jnp.finfo(sdt).max))
-    s = s.astype(sdt).astype(_F32)
-    sb = s[:, None]
-    y = jnp.where(sb > 0, nm.div(x, jnp.where(sb > 0, sb, 1.0), dm), 0.0)
-    q = nm.round_half_even(nm.clip(y, -float(qmax), float(qmax)))
-    s = jnp.where(jnp.sum(x - x, axis=-1) != 0.0, jnp.nan, s)
-    return q.astype(_BF16), s
-
-
-def _load_nvfp4_w(wc_ref, ws_ref, k, bk, cdt):
-    """Packed nvfp4 weight tile of K-step ``k`` -> exact values ``q * s`` ``[bn, bk]`` in ``cdt``."""
-    c = wc_ref[:, pl.ds(pl.multiple_of(k * (bk // 2), bk // 2), bk // 2)].astype(jnp.int32)
-    sw = nm.e4m3_value(ws_ref[:, pl.ds(k * (bk // 16), bk // 16)].astype(jnp.int32))  # [bn, bk/16]
-    swb = _bcast_groups(sw, 8)  # one scale per 8 bytes = 16 codes
-    lo = (nm.e2m1_value(c & 15) * swb).astype(cdt)
-    hi = (nm.e2m1_value(c >> 4) * swb).astype(cdt)
-    return nm.interleave2(lo, hi)
-
-
-def _load_int_w(wc_ref, k, g, fmt, cdt):
-    """Packed INT codes of group ``k`` -> sign-extended integer codes ``[bn, g]`` in ``cdt``."""
+def _int_codes(c_ref, k, g, fmt):
+    """Packed INT codes of group ``k`` -> int32 codes ``[R, g]`` in storage order (sign-extended)."""
     if fmt == "int4":
-        c = wc_ref[:, pl.ds(pl.multiple_of(k * (g // 2), g // 2), g // 2)].astype(jnp.int32)
-        lo = (((c & 15) ^ 8) - 8).astype(cdt)
-        hi = (((c >> 4) ^ 8) - 8).astype(cdt)
-        return nm.interleave2(lo, hi)
+        c = c_ref[:, pl.ds(pl.multiple_of(k * (g // 2), g // 2), g // 2)].astype(jnp.int32)
+        return nm.interleave2(((c & 15) ^ 8) - 8, ((c >> 4) ^ 8) - 8)
     nw = g // 8  # 24-bit words per group
     base = k * (3 * nw)
-    b = [wc_ref[:, pl.ds(base + i, nw, stride=3)].astype(jnp.int32) for i in range(3)]
+    b = [c_ref[:, pl.ds(base + i, nw, stride=3)].astype(jnp.int32) for i in range(3)]
     word = b[0] | (b[1] << 8) | (b[2] << 16)
-    planes = [((((word >> (3 * j)) & 7) ^ 4) - 4).astype(cdt) for j in range(8)]
-    return nm.interleave8(planes)
+    return nm.interleave8([(((word >> (3 * j)) & 7) ^ 4) - 4 for j in range(8)])
 
 
-def _dot_nt(a, b, cdt):
+def _int_operand_s8(c_ref, k, g, fmt, asm):
+    """Group ``k`` -> int8 MMA operand planes: int4 ``16 * code`` (lo, hi nibbles), int3 the codes."""
+    if fmt == "int4":
+        c = c_ref[:, pl.ds(pl.multiple_of(k * (g // 2), g // 2), g // 2)]
+        lo, hi = dec.int4_planes_s8(c, asm=asm)
+        if g // 2 >= 32:  # int8 MMA needs K >= 32 per operand
+            return [lo, hi]
+        return [nm.interleave2(lo, hi)]
+    return [_int_codes(c_ref, k, g, fmt).astype(jnp.int8)]
+
+
+def _dot(a, b, cdt):
     if cdt == _F32:
-        return lax.dot_general(a, b, _NT, precision=lax.Precision.HIGHEST, preferred_element_type=_F32)
+        return lax.dot_general(a, b, _NT, precision=_HI, preferred_element_type=_F32)
     return lax.dot_general(a, b, _NT, preferred_element_type=_F32)
+
+
+def _split_even_odd(x):
+    """``[R, 2n]`` -> (even columns, odd columns) ``[R, n]`` each (a reshape + the size-2 split)."""
+    r, k2 = x.shape
+    xe, xo = jnp.split(x.reshape(r, k2 // 2, 2), 2, axis=2)
+    return xe.reshape(r, k2 // 2), xo.reshape(r, k2 // 2)
 
 
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
-def _kernel(*refs, p: Problem, blk: Blocks, w4a4: bool, hadamard: bool, has_bias: bool, dm: str,
-            cdt, sdt):
+def _k_range(blk, nk):
+    s = pl.program_id(2)
+    per = nk // blk.split_k
+    return s * per, (s + 1) * per
+
+
+def _w4a4_kernel(*refs, p: Problem, blk: Blocks, has_bias: bool, asm: bool):
     refs = list(refs)
     o_ref = refs.pop()
     gs_ref = refs.pop(0) if p.fmt == "nvfp4" else None
-    h_ref = refs.pop(0) if hadamard else None
-    x_ref, wc_ref, ws_ref = refs[:3]
-    b_ref = refs[3] if has_bias else None
+    xc_ref, xs_ref, wc_ref, ws_ref = refs[:4]
+    b_ref = refs[4] if has_bias else None
     bm, bn, bk = blk.bm, blk.bn, blk.bk
-    nk = p.k // bk
-    rblock = hadamard_block(p.fmt, p.group)
-
-    def x_tile(k):
-        x = x_ref[:, pl.ds(pl.multiple_of(k * bk, bk), bk)]
-        if hadamard:
-            return _rotate(x, h_ref, rblock, cdt)
-        return x.astype(_F32)
+    lo_k, hi_k = _k_range(blk, p.k // bk)
 
     if p.fmt == "nvfp4":
-        gx = gs_ref[0] if w4a4 else None
-
         def body(k, acc):
-            w = _load_nvfp4_w(wc_ref, ws_ref, k, bk, _BF16 if w4a4 else cdt)
-            if w4a4:
-                xv = _quant_nvfp4_tile(x_tile(k), gx, dm)
-            else:
-                xv = x_ref[:, pl.ds(pl.multiple_of(k * bk, bk), bk)].astype(cdt)
-            return acc + _dot_nt(xv, w, _BF16 if w4a4 else cdt)
+            xlo, xhi = _nvfp4_planes(xc_ref, xs_ref, k, bk, asm)
+            wlo, whi = _nvfp4_planes(wc_ref, ws_ref, k, bk, asm)
+            return acc + _dot(xlo, wlo, _F16) + _dot(xhi, whi, _F16)
     else:
-        def body(k, acc):
-            w = _load_int_w(wc_ref, k, bk, p.fmt, _BF16 if w4a4 else cdt)
-            sw = ws_ref[:, k].astype(_F32)  # [bn]
-            if w4a4:
-                qx, sx = _quant_int_tile(x_tile(k), p.qmax, sdt, dm)
-                return acc + _dot_nt(qx, w, _BF16) * (sx[:, None] * sw[None, :])
-            xv = x_ref[:, pl.ds(pl.multiple_of(k * bk, bk), bk)].astype(cdt)
-            return acc + _dot_nt(xv, w, cdt) * sw[None, :]
+        magic = jnp.full((bm, bn), _MAGIC_BITS, jnp.int32)
 
-    acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), _F32))
+        g, gps = p.group, bk // p.group
+
+        def body(k, acc):
+            for gi in range(gps):  # one rescale per group; several groups per step amortize the loop overhead
+                kg = k * gps + gi
+                xo = _int_operand_s8(xc_ref, kg, g, p.fmt, asm)
+                wo = _int_operand_s8(wc_ref, kg, g, p.fmt, asm)
+                # the int32 MMA accumulates onto the bits of 1.5 * 2^23: bitcast(.) - 1.5 * 2^23 == float(dot)
+                acc_i = functools.reduce(lambda c, ab: c + lax.dot_general(ab[0], ab[1], _NT,
+                                                                           preferred_element_type=jnp.int32),
+                                         zip(xo, wo), magic)
+                sx = xs_ref[kg, :]  # float32 scales, transposed to [groups, rows] outside (x's carry the 2^-8)
+                sw = ws_ref[kg, :]
+                acc = acc + (lax.bitcast_convert_type(acc_i, _F32) - _MAGIC) * (sx[:, None] * sw[None, :])
+            return acc
+
+    acc = lax.fori_loop(lo_k, hi_k, body, jnp.zeros((bm, bn), _F32))
+    if blk.split_k > 1:
+        o_ref[...] = acc
+        return
     if p.fmt == "nvfp4":
-        acc = acc * (gx * gs_ref[1]) if w4a4 else acc * gs_ref[1]
+        acc = (acc * np.float32(2.0 ** 28)) * (gs_ref[0] * gs_ref[1])
     if has_bias:
         acc = acc + b_ref[...].astype(_F32)[None, :]
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _call(x, w, *, bias, act_global_scale, hadamard, out_dtype, w4a4, interpret, div_mode, blocks):
-    who = "w4a4_matmul" if w4a4 else "w4a16_matmul"
-    p = check_args(x, w, bias, out_dtype, who=who, act_global_scale=act_global_scale, need_act_scale=w4a4)
-    blk = choose_blocks(p, w4a4=w4a4, hadamard=hadamard, **(blocks or {}))
-    cdt = jnp.dtype(x.dtype)
-    sdt = jnp.dtype(w.scales.dtype)
-    if div_mode not in ("ieee", "native"):
-        raise ValueError(f"div_mode must be 'ieee' or 'native', got {div_mode!r}")
-    dm = "native" if div_mode == "native" else ("ieee" if interpret else "rn")
-    bm, bn = blk.bm, blk.bn
-    mp = -(-p.m // bm) * bm
-    x2 = x.reshape(p.m, p.k)
-    if mp != p.m:
-        x2 = jnp.pad(x2, ((0, mp - p.m), (0, 0)))
+def _w4a16_kernel(*refs, p: Problem, blk: Blocks, has_bias: bool, asm: bool, cdt):
+    refs = list(refs)
+    o_ref = refs.pop()
+    gs_ref = refs.pop(0) if p.fmt == "nvfp4" else None
+    x_ref, wc_ref, ws_ref = refs[:3]
+    b_ref = refs[3] if has_bias else None
+    bm, bn, bk = blk.bm, blk.bn, blk.bk
+    lo_k, hi_k = _k_range(blk, p.k // bk)
 
-    args, specs = [], []
-    if p.fmt == "nvfp4":
-        gw = jnp.asarray(w.global_scale, _F32)
-        gx = jnp.asarray(act_global_scale, _F32) if w4a4 else jnp.ones((), _F32)
-        args.append(jnp.stack([gx, gw]))
-        specs.append(pl.BlockSpec((2,), lambda i, j: (0,)))
-    if hadamard:
-        rb = hadamard_block(p.fmt, p.group)
-        hb = np.kron(np.eye(blk.bk // rb, dtype=np.float32), hadamard_matrix(rb))  # [bk, bk]
-        args.append(jnp.asarray(hb, _F32 if cdt == _F32 else cdt))
-        specs.append(pl.BlockSpec((blk.bk, blk.bk), lambda i, j: (0, 0)))
-    scales = w.scales
-    if p.fmt == "nvfp4":
-        scales = lax.bitcast_convert_type(scales, jnp.uint8)
-    kc = w.codes.shape[1]
-    args += [x2, w.codes, scales]
-    specs += [
-        pl.BlockSpec((bm, p.k), lambda i, j: (i, 0)),
-        pl.BlockSpec((bn, kc), lambda i, j: (j, 0)),
-        pl.BlockSpec((bn, p.k // p.group), lambda i, j: (j, 0)),
-    ]
-    if bias is not None:
-        args.append(bias)
-        specs.append(pl.BlockSpec((bn,), lambda i, j: (j,)))
+    def x_tile(k):
+        return x_ref[:, pl.ds(pl.multiple_of(k * bk, bk), bk)]
 
-    kernel = functools.partial(_kernel, p=p, blk=blk, w4a4=w4a4, hadamard=hadamard,
-                               has_bias=bias is not None, dm=dm, cdt=cdt, sdt=sdt)
-    fmt_tag = p.fmt + (f"g{p.group}" if p.fmt != "nvfp4" else "")
-    out = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((mp, p.n), p.out_dtype),
-        grid=(mp // bm, p.n // bn),
-        in_specs=specs,
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+    if p.fmt == "nvfp4":
+        def body(k, acc):
+            if cdt == _F32:
+                w = nm.interleave2(*[v.astype(_F32) for v in _nvfp4_planes(wc_ref, ws_ref, k, bk, False)])
+                return acc + _dot(x_tile(k).astype(_F32), w, _F32)
+            wlo, whi = _nvfp4_planes(wc_ref, ws_ref, k, bk, asm)
+            xe, xo = _split_even_odd(x_tile(k))
+            if cdt != _F16:  # bf16 x: the fp16 values q*s*2^-14 (>= 2^-24) are exact bf16 normals
+                wlo, whi = wlo.astype(cdt), whi.astype(cdt)
+            return acc + _dot(xe, wlo, cdt) + _dot(xo, whi, cdt)
+    else:
+        g, gps = p.group, bk // p.group
+
+        def body(k, acc):
+            for gi in range(gps):
+                kg = k * gps + gi
+                q = _int_codes(wc_ref, kg, g, p.fmt).astype(cdt)
+                sw = ws_ref[kg, :]  # float32, transposed to [groups, N] outside
+                x = x_ref[:, pl.ds(pl.multiple_of(kg * g, g), g)].astype(cdt)
+                acc = acc + _dot(x, q, cdt) * sw[None, :]
+            return acc
+
+    acc = lax.fori_loop(lo_k, hi_k, body, jnp.zeros((bm, bn), _F32))
+    if blk.split_k > 1:
+        o_ref[...] = acc
+        return
+    if p.fmt == "nvfp4":
+        acc = acc * (np.float32(2.0 ** 14) * gs_ref[1])  # every path decodes q * s * 2^-14
+    if has_bias:
+        acc = acc + b_ref[...].astype(_F32)[None, :]
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _launch(kernel, args, specs, p, blk, name, interpret):
+    """pallas_call over (M tiles, N tiles, K splits); split-K writes fp32 partials ``[S, Mp, N]``."""
+    mp = -(-p.m // blk.bm) * blk.bm
+    grid = (mp // blk.bm, p.n // blk.bn, blk.split_k)
+    if blk.split_k > 1:
+        out_shape = jax.ShapeDtypeStruct((blk.split_k, mp, p.n), _F32)
+        out_spec = pl.BlockSpec((None, blk.bm, blk.bn), lambda i, j, s: (s, i, j))
+    else:
+        out_shape = jax.ShapeDtypeStruct((mp, p.n), p.out_dtype)
+        out_spec = pl.BlockSpec((blk.bm, blk.bn), lambda i, j, s: (i, j))
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, in_specs=specs, out_specs=out_spec,
         compiler_params=plt.CompilerParams(num_warps=blk.num_warps, num_stages=blk.num_stages),
-        interpret=interpret,
-        name=f"{'w4a4' if w4a4 else 'w4a16'}_{fmt_tag}{'_had' if hadamard else ''}",
+        interpret=interpret, name=name,
     )(*args)
-    if mp != p.m:
+
+
+def _finish(out, p, blk, bias, scale):
+    """Split-K: reduce the partials, then ``* scale + bias`` (as the kernel's own epilogue); slice padded rows."""
+    if blk.split_k > 1:
+        acc = jnp.sum(out, axis=0)
+        if scale is not None:
+            acc = scale(acc)
+        if bias is not None:
+            acc = acc + bias.astype(_F32)[None, :]
+        out = acc.astype(p.out_dtype)
+    if out.shape[0] != p.m:
         out = out[: p.m]
     return out.reshape(*p.lead, p.n)
 
 
-def w4a4_matmul(x, w, *, bias=None, act_global_scale=None, hadamard=False, out_dtype=None,
-                interpret=False, div_mode="ieee", blocks=None):
-    """W4A4 Pallas kernel; same signature and numerics as :func:`pallas_kernels.reference.w4a4_matmul`.
+def _pad_rows(a, mp):
+    return a if a.shape[0] == mp else jnp.pad(a, ((0, mp - a.shape[0]), (0, 0)))
 
-    ``interpret``: run through the Pallas interpreter (CPU tests).  ``div_mode``: "ieee" (default:
-    correctly rounded divisions, ``div.rn.f32`` inline PTX on CUDA) or "native" (plain ``/``:
-    Triton's approximate ``div.full.f32``; for experiments against XLA-GPU references).  ``blocks``: dict overriding
-    :func:`choose_blocks` (block_m, block_n, block_k, num_warps, num_stages).
+
+def _scales_u8(s):
+    return lax.bitcast_convert_type(s, jnp.uint8) if s.dtype == jnp.float8_e4m3fn else s
+
+
+def _global_scales(xq, w):
+    gx = jnp.ones((), _F32) if xq is None else jnp.asarray(xq.global_scale, _F32)
+    return jnp.stack([gx, jnp.asarray(w.global_scale, _F32)])
+
+
+def w4a4_packed(xq, w, *, bias=None, out_dtype=None, interpret=False, blocks=None):
+    """Packed x packed W4A4 GEMM; same numerics as :func:`pallas_kernels.reference.w4a4_matmul_packed`."""
+    p = check_packed_args(xq, w, bias, out_dtype, who="w4a4_matmul")
+    if p.fmt != "nvfp4" and p.group < 32:
+        raise NotImplementedError(f"INT group {p.group} < 32 (int8 MMA needs K >= 32)")
+    blk = choose_blocks(p, w4a4=True, **(blocks or {}))
+    mp = -(-p.m // blk.bm) * blk.bm
+    xc = _pad_rows(xq.codes.reshape(p.m, -1), mp)
+    xs = _pad_rows(_scales_u8(xq.scales).reshape(p.m, -1), mp)
+    ws = _scales_u8(w.scales)
+    args, specs = [], []
+    if p.fmt == "nvfp4":
+        args.append(_global_scales(xq, w))
+        specs.append(pl.BlockSpec((2,), lambda i, j, s: (0,)))
+        xs_spec = pl.BlockSpec((blk.bm, xs.shape[1]), lambda i, j, s: (i, 0))
+        ws_spec = pl.BlockSpec((blk.bn, ws.shape[1]), lambda i, j, s: (j, 0))
+    else:  # one contiguous row of float32 scales per group step (and 2^-8 of the 16 * code planes in x's)
+        factor = 1.0 / 256.0 if p.fmt == "int4" else 1.0
+        xs, ws = (xs.astype(_F32) * np.float32(factor)).T, ws.astype(_F32).T
+        xs_spec = pl.BlockSpec((xs.shape[0], blk.bm), lambda i, j, s: (0, i))
+        ws_spec = pl.BlockSpec((ws.shape[0], blk.bn), lambda i, j, s: (0, j))
+    args += [xc, xs, w.codes, ws]
+    specs += [pl.BlockSpec((blk.bm, xc.shape[1]), lambda i, j, s: (i, 0)), xs_spec,
+              pl.BlockSpec((blk.bn, w.codes.shape[1]), lambda i, j, s: (j, 0)), ws_spec]
+    if bias is not None and blk.split_k == 1:
+        args.append(bias)
+        specs.append(pl.BlockSpec((blk.bn,), lambda i, j, s: (j,)))
+    kernel = functools.partial(_w4a4_kernel, p=p, blk=blk, has_bias=bias is not None and blk.split_k == 1,
+                               asm=not interpret)
+    tag = p.fmt + (f"g{p.group}" if p.fmt != "nvfp4" else "")
+    out = _launch(kernel, args, specs, p, blk, f"w4a4_{tag}", interpret)
+    scale = None
+    if p.fmt == "nvfp4":
+        g = jnp.asarray(xq.global_scale, _F32) * jnp.asarray(w.global_scale, _F32)
+        scale = lambda acc: (acc * np.float32(2.0 ** 28)) * g  # noqa: E731
+    return _finish(out, p, blk, bias, scale)
+
+
+def w4a4_matmul(x, w, *, bias=None, act_global_scale=None, hadamard=False, out_dtype=None, interpret=False,
+                blocks=None):
+    """W4A4: ``x`` a QTensor from quantize_activation (packed x packed), or a float x quantized first.
+
+    Float x: :func:`pallas_kernels.act_quant.quantize_activation` like ``w`` (nvfp4: ``act_global_scale``;
+    ``hadamard`` rotates per group), then the packed GEMM; same numerics as
+    :func:`pallas_kernels.reference.w4a4_matmul`.  ``blocks``: dict overriding :func:`choose_blocks`.
     """
-    return _call(x, w, bias=bias, act_global_scale=act_global_scale, hadamard=hadamard,
-                 out_dtype=out_dtype, w4a4=True, interpret=interpret, div_mode=div_mode, blocks=blocks)
+    if not isinstance(x, QTensor):
+        check_args(x, w, bias, out_dtype, who="w4a4_matmul", act_global_scale=act_global_scale, need_act_scale=True)
+        out_dtype = jnp.dtype(x.dtype) if out_dtype is None else out_dtype
+        x = act_quant.quantize_activation(
+            x, w.fmt, global_scale=act_global_scale if w.fmt == "nvfp4" else None, hadamard=hadamard,
+            group_size=w.group_size, scale_dtype=None if w.fmt == "nvfp4" else w.scales.dtype, interpret=interpret)
+    elif act_global_scale is not None or hadamard:
+        raise ValueError("w4a4_matmul: act_global_scale / hadamard belong to quantize_activation; a packed xq "
+                         "already carries them")
+    return w4a4_packed(x, w, bias=bias, out_dtype=out_dtype, interpret=interpret, blocks=blocks)
 
 
-def w4a16_matmul(x, w, *, bias=None, out_dtype=None, interpret=False, div_mode="ieee", blocks=None):
-    """Weight-only Pallas kernel; same signature and numerics as :func:`pallas_kernels.reference.w4a16_matmul`."""
-    return _call(x, w, bias=bias, act_global_scale=None, hadamard=False, out_dtype=out_dtype,
-                 w4a4=False, interpret=interpret, div_mode=div_mode, blocks=blocks)
+def w4a16_matmul(x, w, *, bias=None, out_dtype=None, interpret=False, blocks=None):
+    """Weight-only kernel; same signature and numerics as :func:`pallas_kernels.reference.w4a16_matmul`."""
+    p = check_args(x, w, bias, out_dtype, who="w4a16_matmul")
+    cdt = jnp.dtype(x.dtype)
+    blk = choose_blocks(p, w4a4=False, x_dtype=cdt, **(blocks or {}))
+    mp = -(-p.m // blk.bm) * blk.bm
+    x2 = _pad_rows(x.reshape(p.m, p.k), mp)
+    args, specs = [], []
+    if p.fmt == "nvfp4":
+        args.append(_global_scales(None, w))
+        specs.append(pl.BlockSpec((2,), lambda i, j, s: (0,)))
+    if p.fmt == "nvfp4":
+        ws = _scales_u8(w.scales)
+        ws_spec = pl.BlockSpec((blk.bn, ws.shape[1]), lambda i, j, s: (j, 0))
+    else:  # one contiguous row of float32 scales per group step
+        ws = w.scales.astype(_F32).T
+        ws_spec = pl.BlockSpec((ws.shape[0], blk.bn), lambda i, j, s: (0, j))
+    args += [x2, w.codes, ws]
+    specs += [pl.BlockSpec((blk.bm, p.k), lambda i, j, s: (i, 0)),
+              pl.BlockSpec((blk.bn, w.codes.shape[1]), lambda i, j, s: (j, 0)), ws_spec]
+    has_bias = bias is not None and blk.split_k == 1
+    if has_bias:
+        args.append(bias)
+        specs.append(pl.BlockSpec((blk.bn,), lambda i, j, s: (j,)))
+    kernel = functools.partial(_w4a16_kernel, p=p, blk=blk, has_bias=has_bias, asm=not interpret, cdt=cdt)
+    tag = p.fmt + (f"g{p.group}" if p.fmt != "nvfp4" else "")
+    out = _launch(kernel, args, specs, p, blk, f"w4a16_{tag}", interpret)
+    scale = None
+    if p.fmt == "nvfp4":
+        gw = jnp.asarray(w.global_scale, _F32) * np.float32(2.0 ** 14)
+        scale = lambda acc: acc * gw  # noqa: E731
+    return _finish(out, p, blk, bias, scale)
