@@ -154,6 +154,7 @@ def quantize(params, calib_batch, *, config: QuantConfig = QuantConfig(), model_
 
     # 5. pack: rotate (Hadamard methods), smooth, quantize weights; static activation scales from calibration
     site_of = {c: s for s in table for c in s.consumers}
+    act_of: dict[str, ActQuant] = {}
     for p in quantized:
         lin = dict(S.get_path(qparams, p))
         w = f32(lin["kernel"])
@@ -169,11 +170,14 @@ def quantize(params, calib_batch, *, config: QuantConfig = QuantConfig(), model_
             w = block_hadamard(w, g, axis=0)
         qt = formats.quantize(w, fmt, axis=0, group_size=None if fmt == "nvfp4" else g)
         lin["kernel"] = dataclasses.replace(qt, dtype=jnp.dtype(lin["kernel"].dtype).name)  # dequantize() -> model dtype
-        if modes[p] == "w4a4":
-            amax = _act_amax_estimate(stats[tap_of.get(p, p)], rows, sm, rotate, g)
-            lin["act_quant"] = ActQuant(global_scale=jnp.float32(amax / (6 * 448) if fmt == "nvfp4" else 1.0),
-                                        smooth=None if sm is None else (1.0 / sm).astype(jnp.float32),
-                                        hadamard=rotate)
+        if modes[p] == "w4a4":  # one ActQuant per tapped input: every consumer of a site shares it
+            tap = tap_of.get(p, p)
+            if tap not in act_of:
+                amax = _act_amax_estimate(stats[tap], rows, sm, rotate, g)
+                act_of[tap] = ActQuant(global_scale=jnp.float32(amax / (6 * 448) if fmt == "nvfp4" else 1.0),
+                                       smooth=None if sm is None else (1.0 / sm).astype(jnp.float32),
+                                       hadamard=rotate)
+            lin["act_quant"] = act_of[tap]
         qparams = S.set_path(qparams, p, lin)
     qparams = jax.tree.map(lambda a: jnp.asarray(a), qparams)
     times["absorb+pack"] = time.perf_counter() - t0

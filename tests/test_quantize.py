@@ -64,6 +64,12 @@ def test_report_and_packing(params, pq_nvfp4):
     st = calib.calibrate(CFG, params, _calib_batch(), taps=("transformer_blocks.1.attn.to_q",), num_rows=8)
     amax = float(np.max(np.asarray(st["transformer_blocks.1.attn.to_q"].amax)))
     assert float(lin["act_quant"].global_scale) == pytest.approx(amax / 2688, rel=1e-6)
+    # the consumers of one site share one activation quantization (the model quantizes their input once)
+    for path in ("transformer_blocks.1.attn.to_k", "transformer_blocks.1.attn.to_v"):
+        assert float(S.get_path(q, path)["act_quant"].global_scale) == float(lin["act_quant"].global_scale)
+    single = [S.get_path(q, f"single_transformer_blocks.0.{c}")["act_quant"].global_scale
+              for c in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]
+    assert len({float(g) for g in single}) == 1
     # packed storage is smaller than the float weights
     assert pqjax.formats.nbytes(q) < 0.45 * pqjax.formats.nbytes(params)
 

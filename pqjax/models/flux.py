@@ -157,24 +157,24 @@ def init_params(config: FluxConfig, key: jax.Array, dtype=jnp.float32, std: floa
 # Forward pass (diffusers FluxTransformer2DModel.forward(..., return_dict=False)[0])
 # ----------------------------------------------------------------------------------------------
 
-from pqjax.models.layers import (Tap, apply_rope, attention, dense, gelu_tanh, layer_norm,  # noqa: E402
-                                 rms_norm, rope_tables, timestep_embedding)
+from pqjax.models.layers import (Tap, apply_rope, attention, dense, dense_site, gelu_tanh,  # noqa: E402
+                                 layer_norm, rms_norm, rope_tables, timestep_embedding)
 
 
-def _read_permuted(p_norm: dict | None, xn: jax.Array) -> jax.Array:
-    """Read a normalized activation in a site's permuted channel order (PermuQuant P1/P3, absorbed into the norm).
+def _modulated(p_norm: dict | None, x: jax.Array, shift: jax.Array, scale: jax.Array):
+    """adaLN modulation of a normalized activation -> ``(xm, perm)``: ``xm[..., perm]`` is the site's input.
 
-    LayerNorm statistics are order-free, so gathering after the norm equals permuting the residual stream; XLA fuses
-    the gather into the norm. Absent ``perm`` means identity.
+    PermuQuant P1/P3 read the normalized activation in the site's channel order ``perm`` (absorbed into the norm;
+    LayerNorm statistics are order-free) while the absorbed shift/scale chunks are already in that order. The
+    modulation is computed in the ORIGINAL order (shift/scale un-permuted by a scatter of a [B, D] vector; the same
+    float ops per element) so that the gather can be fused into the consumer's activation quantization
+    (:func:`pqjax.models.layers.dense_site`). Absent ``perm`` means identity.
     """
-    if p_norm is None or "perm" not in p_norm:
-        return xn
-    return jnp.take(xn, p_norm["perm"], axis=-1)
-
-
-def _modulated(p_norm: dict | None, x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-    xn = _read_permuted(p_norm, layer_norm(x))
-    return xn * (1 + scale[:, None]) + shift[:, None]
+    perm = None if p_norm is None else p_norm.get("perm")
+    if perm is not None:
+        shift = jnp.zeros_like(shift).at[:, perm].set(shift)
+        scale = jnp.zeros_like(scale).at[:, perm].set(scale)
+    return layer_norm(x) * (1 + scale[:, None]) + shift[:, None], perm
 
 
 def _heads(x: jax.Array, head_dim: int) -> jax.Array:
@@ -204,14 +204,17 @@ def _double_block(config: FluxConfig, p: Params, x, ctx, temb_act, rope, name: s
     c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cmod
 
     a = p["attn"]
-    xn = _modulated(p["norm1"], x, shift_msa, scale_msa)
-    cn = _modulated(p["norm1_context"], ctx, c_shift_msa, c_scale_msa)
-    q = rms_norm(a["norm_q"], _heads(dense(a["to_q"], xn, f"{n}.attn.to_q", tap), hd))
-    k = rms_norm(a["norm_k"], _heads(dense(a["to_k"], xn, f"{n}.attn.to_k", tap), hd))
-    v = _heads(dense(a["to_v"], xn, f"{n}.attn.to_v", tap), hd)
-    cq = rms_norm(a["norm_added_q"], _heads(dense(a["add_q_proj"], cn, f"{n}.attn.add_q_proj", tap), hd))
-    ck = rms_norm(a["norm_added_k"], _heads(dense(a["add_k_proj"], cn, f"{n}.attn.add_k_proj", tap), hd))
-    cv = _heads(dense(a["add_v_proj"], cn, f"{n}.attn.add_v_proj", tap), hd)
+    xn, perm = _modulated(p["norm1"], x, shift_msa, scale_msa)
+    cn, cperm = _modulated(p["norm1_context"], ctx, c_shift_msa, c_scale_msa)
+    q, k, v = dense_site([a["to_q"], a["to_k"], a["to_v"]], xn, [f"{n}.attn.to_{c}" for c in "qkv"], tap, perm)
+    cq, ck, cv = dense_site([a["add_q_proj"], a["add_k_proj"], a["add_v_proj"]], cn,
+                            [f"{n}.attn.add_{c}_proj" for c in "qkv"], tap, cperm)
+    q = rms_norm(a["norm_q"], _heads(q, hd))
+    k = rms_norm(a["norm_k"], _heads(k, hd))
+    v = _heads(v, hd)
+    cq = rms_norm(a["norm_added_q"], _heads(cq, hd))
+    ck = rms_norm(a["norm_added_k"], _heads(ck, hd))
+    cv = _heads(cv, hd)
     cos, sin = rope
     q = apply_rope(jnp.concatenate([cq, q], axis=1), cos, sin)
     k = apply_rope(jnp.concatenate([ck, k], axis=1), cos, sin)
@@ -222,13 +225,15 @@ def _double_block(config: FluxConfig, p: Params, x, ctx, temb_act, rope, name: s
     x_attn = dense(a["to_out"]["0"], o[:, n_txt:], f"{n}.attn.to_out.0", tap)
 
     x = x + gate_msa[:, None] * x_attn
-    xn = _modulated(p.get("norm2"), x, shift_mlp, scale_mlp)
-    h = gelu_tanh(dense(p["ff"]["net"]["0"]["proj"], xn, f"{n}.ff.net.0.proj", tap))
+    xn, perm = _modulated(p.get("norm2"), x, shift_mlp, scale_mlp)
+    (h,) = dense_site([p["ff"]["net"]["0"]["proj"]], xn, [f"{n}.ff.net.0.proj"], tap, perm)
+    h = gelu_tanh(h)
     x = x + gate_mlp[:, None] * dense(p["ff"]["net"]["2"], h, f"{n}.ff.net.2", tap)
 
     ctx = ctx + c_gate_msa[:, None] * c_attn
-    cn = _modulated(p.get("norm2_context"), ctx, c_shift_mlp, c_scale_mlp)
-    h = gelu_tanh(dense(p["ff_context"]["net"]["0"]["proj"], cn, f"{n}.ff_context.net.0.proj", tap))
+    cn, cperm = _modulated(p.get("norm2_context"), ctx, c_shift_mlp, c_scale_mlp)
+    (h,) = dense_site([p["ff_context"]["net"]["0"]["proj"]], cn, [f"{n}.ff_context.net.0.proj"], tap, cperm)
+    h = gelu_tanh(h)
     ctx = ctx + c_gate_mlp[:, None] * dense(p["ff_context"]["net"]["2"], h, f"{n}.ff_context.net.2", tap)
     return x, ctx
 
@@ -236,12 +241,14 @@ def _double_block(config: FluxConfig, p: Params, x, ctx, temb_act, rope, name: s
 def _single_block(config: FluxConfig, p: Params, xs, temb_act, rope, name: str, tap: Tap):
     hd, n = config.attention_head_dim, name
     shift, scale, gate = jnp.split(dense(p["norm"]["linear"], temb_act, f"{n}.norm.linear", tap), 3, axis=-1)
-    xn = _modulated(p["norm"], xs, shift, scale)
-    mlp = gelu_tanh(dense(p["proj_mlp"], xn, f"{n}.proj_mlp", tap))
+    xn, perm = _modulated(p["norm"], xs, shift, scale)
     a = p["attn"]
-    q = rms_norm(a["norm_q"], _heads(dense(a["to_q"], xn, f"{n}.attn.to_q", tap), hd))
-    k = rms_norm(a["norm_k"], _heads(dense(a["to_k"], xn, f"{n}.attn.to_k", tap), hd))
-    v = _heads(dense(a["to_v"], xn, f"{n}.attn.to_v", tap), hd)
+    mlp, q, k, v = dense_site([p["proj_mlp"], a["to_q"], a["to_k"], a["to_v"]], xn,
+                              [f"{n}.proj_mlp"] + [f"{n}.attn.to_{c}" for c in "qkv"], tap, perm)
+    mlp = gelu_tanh(mlp)
+    q = rms_norm(a["norm_q"], _heads(q, hd))
+    k = rms_norm(a["norm_k"], _heads(k, hd))
+    v = _heads(v, hd)
     cos, sin = rope
     o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
     o = o.reshape(*o.shape[:2], -1)

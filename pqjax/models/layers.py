@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,9 @@ class ActQuant:
     global_scale: jax.Array
     smooth: Optional[jax.Array] = None
     hadamard: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    # The linears that read one activation (a site's consumers) share one ActQuant: ``pqjax.quantize`` builds it
+    # once per tapped input, and :func:`dense_site` quantizes that activation once with it.
 
 
 def is_quantized(kernel) -> bool:
@@ -58,6 +61,42 @@ def dense(p: dict, x: jax.Array, name: str = "", tap: Tap = None) -> jax.Array:
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype)
+
+
+def _is_w4a4(p: dict) -> bool:
+    return is_quantized(p["kernel"]) and p.get("act_quant") is not None
+
+
+def dense_site(ps: Sequence[dict], x: jax.Array, names: Sequence[str], tap: Tap = None, perm=None) -> list:
+    """The linears ``ps`` that all read one activation ``x`` (a site), in the site's channel order ``perm``.
+
+    W4A4 consumers get ONE packed activation (``pallas_kernels.quantize_activation``: the gather by ``perm``,
+    smoothing, rotation and quantization fused in one pass, with the first W4A4 consumer's :class:`ActQuant`,
+    which ``pqjax.quantize`` shares between them) and run the packed x packed GEMM. Float and weight-only
+    consumers, and calibration (``tap``), read ``x[..., perm]`` materialized once. Returns the outputs in order.
+    """
+    q = [p for p in ps if _is_w4a4(p)] if tap is None else []
+    xq = None
+    if q:
+        import pallas_kernels
+
+        act, k = q[0]["act_quant"], q[0]["kernel"]
+        nv = k.fmt == "nvfp4"
+        xq = pallas_kernels.quantize_activation(
+            x, k.fmt, global_scale=act.global_scale if nv else None, perm=perm, hadamard=act.hadamard,
+            smooth=act.smooth, group_size=k.group_size, scale_dtype=None if nv else k.scales.dtype)
+    xs = None
+    outs = []
+    for p, name in zip(ps, names):
+        if xq is not None and _is_w4a4(p):
+            import pallas_kernels
+
+            outs.append(pallas_kernels.w4a4_matmul(xq, p["kernel"], bias=p.get("bias"), out_dtype=x.dtype))
+            continue
+        if xs is None:
+            xs = x if perm is None else jnp.take(x, perm, axis=-1)
+        outs.append(dense(p, xs, name, tap))
+    return outs
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
