@@ -17,13 +17,13 @@ rows]``, so that ``x_rot @ W_rot == x @ W``.
 
 Implementation choice (made at TRACE time):
 
-* ``impl=None`` / no :func:`use_impl`: the Triton kernel on an NVIDIA GPU with compute capability
-  >= 8.0, the XLA reference elsewhere (CPU, TPU, ROCm, older GPUs).  The kernels decode e4m3 and
-  round e2m1/e4m3 by hand, so sm_80 needs no special flag.  (Blackwell could use native
-  block-scaled FP4 via ``jax.nn.scaled_matmul``: not wired in yet, it still gets the Triton
-  kernel.)
+* ``impl=None`` / no :func:`use_impl`: ``"cudnn"`` on an NVIDIA GPU with compute capability >= 10.0
+  (Blackwell), the Triton kernels on compute capability >= 8.0, the XLA reference elsewhere (CPU, TPU,
+  ROCm, older GPUs).  The kernels decode e4m3 and round e2m1/e4m3 by hand, so sm_80 needs no special flag.
 * ``impl`` / ``use_impl(...)``: ``"xla"`` (reference), ``"triton"`` (the kernel, compiled for
-  the GPU), ``"interpret"`` (the kernel through the Pallas interpreter: CPU tests).  An explicit
+  the GPU), ``"interpret"`` (the kernel through the Pallas interpreter: CPU tests), ``"cudnn"``
+  (NVFP4 W4A4 through ``jax.nn.scaled_matmul``, native block-scaled FP4 on Blackwell,
+  :mod:`pallas_kernels.blackwell`; every other op uses its Triton kernel).  An explicit
   ``impl=`` argument wins over the context manager.  ``use_impl`` is a JAX config state that is
   part of the jit cache key, so a function jitted under one choice is retraced under another;
   the environment variable ``PQJAX_KERNEL_IMPL`` sets the default.
@@ -39,14 +39,15 @@ import threading
 import jax
 
 from . import act_quant
+from . import blackwell
 from . import reference
-from ._common import hadamard_matrix
+from ._common import check_args, hadamard_matrix
 from . import triton_kernels
 
 __all__ = ["quantize_activation", "w4a4_matmul", "w4a16_matmul", "use_impl", "current_impl", "resolve_impl",
-           "IMPLS", "hadamard_matrix", "reference", "triton_kernels", "act_quant"]
+           "IMPLS", "hadamard_matrix", "reference", "triton_kernels", "act_quant", "blackwell"]
 
-IMPLS = ("xla", "triton", "interpret")
+IMPLS = ("xla", "triton", "interpret", "cudnn")
 _log = logging.getLogger(__name__)
 _logged: set = set()
 
@@ -58,7 +59,7 @@ def _make_state():
 
         return jax_config.optional_enum_state(
             "pqjax_kernel_impl", IMPLS, None,
-            help="pqjax quantized-linear implementation: xla, triton, interpret or None (auto).",
+            help="pqjax quantized-linear implementation: xla, triton, interpret, cudnn or None (auto).",
             include_in_jit_key=True, include_in_trace_context=True)
     except Exception:  # pragma: no cover - a JAX without this API, or a module reload
         return None
@@ -76,7 +77,7 @@ def _check_impl(impl):
 
 @contextlib.contextmanager
 def use_impl(impl):
-    """Force the implementation for calls traced inside the block: "xla", "triton", "interpret" or None (auto)."""
+    """Force the implementation for calls traced inside the block: "xla", "triton", "interpret", "cudnn" or None."""
     _check_impl(impl)
     if _IMPL_STATE is not None:
         with _IMPL_STATE(impl):
@@ -121,6 +122,8 @@ def resolve_impl(impl=None) -> str:
     if impl is not None:
         return impl
     cc = _gpu_compute_capability()
+    if cc is not None and cc >= (10, 0):
+        return "cudnn"
     return "triton" if cc is not None and cc >= (8, 0) else "xla"
 
 
@@ -156,8 +159,15 @@ def w4a4_matmul(x, w, *, bias=None, act_global_scale=None, hadamard=False, out_d
             raise ValueError("w4a4_matmul: act_global_scale / hadamard belong to quantize_activation; the packed "
                              f"xq of shape {x.shape} already carries them")
         kwargs = dict(bias=bias, out_dtype=out_dtype)
-        return _dispatch("w4a4_matmul", triton_kernels.w4a4_packed, reference.w4a4_matmul_packed, impl, kwargs,
-                         x, w)
+        kernel = triton_kernels.w4a4_packed
+        if resolve_impl(impl) == "cudnn" and x.fmt == "nvfp4":
+            kernel = blackwell.w4a4_scaled_matmul
+        return _dispatch("w4a4_matmul", kernel, reference.w4a4_matmul_packed, impl, kwargs, x, w)
+    if resolve_impl(impl) == "cudnn" and getattr(w, "fmt", None) == "nvfp4":  # Blackwell: quantize, then FP4 MMA
+        check_args(x, w, bias, out_dtype, who="w4a4_matmul", act_global_scale=act_global_scale,
+                             need_act_scale=True)
+        xq = quantize_activation(x, "nvfp4", global_scale=act_global_scale, hadamard=hadamard, impl=impl)
+        return w4a4_matmul(xq, w, bias=bias, out_dtype=x.dtype if out_dtype is None else out_dtype, impl=impl)
     kwargs = dict(bias=bias, act_global_scale=act_global_scale, hadamard=hadamard, out_dtype=out_dtype)
     return _dispatch("w4a4_matmul", triton_kernels.w4a4_matmul, reference.w4a4_matmul, impl, kwargs, x, w)
 

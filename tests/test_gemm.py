@@ -305,3 +305,22 @@ def test_packed_compiles_to_cubin(config):
         kern = gpu_check.compile_ttir(mod, cc)
         assert kern.asm["cubin"] and ".entry" in kern.asm["ptx"], cc
         assert ("wgmma" in kern.asm["ptx"]) == (cc == 90)
+
+
+def test_blackwell_scaled_matmul_lowers_to_block_scaled_dot():
+    """impl="cudnn" (auto on compute capability >= 10.0): NVFP4 W4A4 is jax.nn.scaled_matmul's block-scaled dot."""
+    cfg = ("w4a4", "nvfp4", None, 256, 512, 128)
+    w = jax.eval_shape(lambda: quantize(jnp.zeros((512, 128), jnp.float32), "nvfp4", axis=0))
+    x = jax.ShapeDtypeStruct((2, 128, 512), jnp.bfloat16)
+    b = jax.ShapeDtypeStruct((128,), jnp.float32)
+
+    def f(x, w, b):
+        with pk.use_impl("cudnn"):
+            return pk.w4a4_matmul(x, w, bias=b, act_global_scale=jnp.float32(0.01))
+
+    text = gpu_check.lower_for_cuda(f, x, w, b).as_text()
+    assert "block_scaled_dot" in text and "f4E2M1FN" in text, cfg
+    assert len(gpu_check.triton_modules(gpu_check.lower_for_cuda(f, x, w, b))) == 1  # only the activation pass
+    with pk.use_impl("cudnn"):  # INT formats keep the Triton kernels
+        w4 = jax.eval_shape(lambda: quantize(jnp.zeros((512, 128), jnp.float32), "int4", axis=0))
+        assert "block_scaled_dot" not in str(jax.make_jaxpr(lambda x, w: pk.w4a4_matmul(x, w))(x, w4))
