@@ -1,13 +1,16 @@
 """Quantized linears for pqjax: Pallas GPU kernels (Triton backend) + their pure-XLA references.
 
-The model calls ONE dispatch::
+The model calls::
 
-    y = pallas_kernels.w4a4_matmul(x, w, bias=b, act_global_scale=gx, hadamard=False)   # W4A4
-    y = pallas_kernels.w4a16_matmul(x, w, bias=b)                                       # weight-only
+    xq = pallas_kernels.quantize_activation(x, "nvfp4", global_scale=gx, perm=p)   # once per site
+    y = pallas_kernels.w4a4_matmul(xq, w, bias=b)                                 # W4A4, per linear reading x
+    y = pallas_kernels.w4a4_matmul(x, w, bias=b, act_global_scale=gx)             # W4A4 on a float x (both steps)
+    y = pallas_kernels.w4a16_matmul(x, w, bias=b)                                 # weight-only
 
 ``w`` is a Flax kernel ``[K, N]`` quantized with ``pqjax.formats.quantize(W, fmt, axis=0)``;
 ``x[..., K]``; the result ``[..., N]`` is in ``out_dtype`` (default ``x.dtype``).  Numerics:
-:mod:`pallas_kernels.reference` (the kernels reproduce it up to fp32 accumulation order).
+:mod:`pallas_kernels.reference` (activation codes bit-identical; GEMMs equal up to fp32 accumulation order).
+The static sm_90 budget of every kernel: ``python -m pallas_kernels.gpu_check --budget``.
 
 ``hadamard=True`` (PermuQuant-H) rotates x per quantization group (16 for nvfp4) by the
 normalized Sylvester Hadamard matrix ``H_g / sqrt(g)`` (:func:`hadamard_matrix` gives the +-1

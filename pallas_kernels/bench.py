@@ -1,26 +1,26 @@
-"""Benchmark the quantized-linear kernels at FLUX.1-dev GEMM shapes: ``python -m pallas_kernels.bench``.
+"""GPU check + benchmark of the quantized linears and a FLUX.1-dev-shaped forward: ``python -m pallas_kernels.bench``.
 
-On an NVIDIA GPU, for every M in {64, 512, 4608, 9216} and (K, N) in the FLUX linears, times
+On an NVIDIA GPU (``examples/gpu_check.sh`` runs exactly this, writing ``--out``):
 
-* ``w4a4``: the Pallas Triton W4A4 kernel (``--fmt``, default nvfp4; activation quantized inside),
-* ``w4a16``: the Pallas Triton weight-only kernel,
-* ``bf16``: XLA ``dot_general`` bf16 x bf16 -> bf16 (fp32 accumulation),
-* ``fp8``: XLA ``dot_general`` on pre-cast float8_e4m3fn operands -> bf16,
-* ``sdg-nvfp4``: ``jax.nn.scaled_dot_general`` with the nvfp4 config (cuDNN; Blackwell only,
-  'n/a' where unsupported),
+1. ``check``: the activation-quantize kernel against the XLA reference evaluated on the HOST CPU (IEEE
+   divisions; XLA:GPU's own f32 division is approximate): codes and scales must be bit-identical.  The
+   GEMM kernels against the reference: the largest ``|kernel - ref| / (|x| @ |w|)`` and the rows above
+   ``1e-5`` (fp32 accumulation; tensor cores round their sums differently from XLA).
+2. ``gemm``: median time of the GEMMs at FLUX shapes (M = 64 and 4608 tokens): XLA bf16, the packed W4A4
+   GEMMs (nvfp4, int4 g64 / g128; the activation pass separately and together), W4A16, XLA fp8 and
+   ``jax.nn.scaled_dot_general``'s nvfp4 path where it runs; TFLOP/s and the ratio to bf16 side by side.
+3. ``flux``: a FLUX.1-dev-shaped forward (random weights, 1024x1024 -> 4096 image + 512 text tokens), bf16
+   vs NVFP4 W4A4 (default rules: modulation weight-only, embedders / norm_out / proj_out 16-bit, the rest
+   W4A4 with a permutation at every P1/P3 site so the fused gather is timed): one double and one single block
+   first (fast to compile), then the whole forward.
 
-each as the median over ``--rounds`` rounds of ``--reps`` back-to-back calls after warm-up,
-synchronized with ``block_until_ready`` around each round, and prints TFLOP/s (2*M*K*N / t) with
-the speed-up over bf16 beside it.  ``--check`` also prints how often the W4A4 kernel's output
-rows differ from the XLA reference beyond fp32 accumulation (rounding ties; see the reference's
-docs) for both division modes.  ``--autotune`` tries a few block configurations per shape for
-the W4A4 kernel and prints the best (a table to paste into ``triton_kernels.choose_blocks``).
-
-Without a GPU it says so and runs one tiny interpret-mode shape comparing kernel and reference.
+Every table is printed and appended to ``--out`` (markdown) as soon as it is measured, so a run cut short
+keeps what it finished.  ``--dry-run`` runs the same code on CPU in interpret mode at tiny shapes (a test).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -29,21 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-M_LIST = (64, 512, 4608, 9216)
-KN_LIST = ((3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 3072), (3072, 18432))
-AUTOTUNE_BLOCKS = (
-    dict(block_m=128, block_n=128, num_warps=8, num_stages=3),
-    dict(block_m=128, block_n=128, num_warps=4, num_stages=3),
-    dict(block_m=128, block_n=256, num_warps=8, num_stages=2),
-    dict(block_m=64, block_n=128, num_warps=4, num_stages=4),
-    dict(block_m=64, block_n=256, num_warps=8, num_stages=3),
-)
+SHAPES = ((3072, 3072), (3072, 12288), (12288, 3072))  # (K, N): attention/out, MLP up, MLP down
+M_LIST = (64, 4608)
 
 
 def _time(fn, *args, reps: int, rounds: int) -> float:
     """Median seconds per call: ``rounds`` x (``reps`` calls, then block_until_ready)."""
-    out = fn(*args)
-    jax.block_until_ready(out)
+    jax.block_until_ready(fn(*args))
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(rounds):
@@ -63,11 +55,29 @@ def _try_time(make, *, reps, rounds):
         return f"n/a ({type(e).__name__})"
 
 
-def _on_nvidia_gpu() -> bool:
+def on_nvidia_gpu() -> bool:
     try:
         return jax.devices()[0].platform == "gpu"
     except RuntimeError:
         return False
+
+
+class Report:
+    """Prints tables and appends them to a markdown file as they complete."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def table(self, title, header, rows, note=""):
+        lines = [f"\n### {title}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+        if note:
+            lines.append(f"\n{note}")
+        text = "\n".join(lines) + "\n"
+        print(text, flush=True)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(text)
 
 
 def _operands(m, k, n, fmt, group, seed=0):
@@ -81,125 +91,286 @@ def _operands(m, k, n, fmt, group, seed=0):
     return x, w_f, w, gx
 
 
-def _fmt_cell(t, flops, t_bf16):
-    if isinstance(t, str):
-        return f"{t:>20}"
-    tf = flops / t / 1e12
-    ratio = (t_bf16 / t) if isinstance(t_bf16, float) else float("nan")
-    return f"{tf:8.1f} TF/s {ratio:5.2f}x"
+def _impl(dry):
+    import pallas_kernels as pk
+
+    return pk.use_impl("interpret" if dry else None)
 
 
-def bench_gpu(args):
-    from pallas_kernels import triton_kernels as tk
+# --------------------------------------------------------------------------------------------
+# 1. numerics on the device
+# --------------------------------------------------------------------------------------------
+def check(report, *, dry, m=512, k=3072, n=1024):
+    import pallas_kernels as pk
+    from pallas_kernels import reference
 
-    dev = jax.devices()[0]
-    print(f"device: {dev.device_kind} (compute capability {getattr(dev, 'compute_capability', '?')}), "
-          f"jax {jax.__version__}; W4A4 format {args.fmt}; median of {args.rounds} x {args.reps} calls")
-    group = None if args.fmt == "nvfp4" else args.group
-    cols = ["w4a4", "w4a16", "bf16", "fp8", "sdg-nvfp4"]
-    print(f"{'M':>5} {'K':>6} {'N':>6} | " + " | ".join(f"{c:^20}" for c in cols)
-          + "   (TFLOP/s, speed-up vs bf16)")
-    ms = args.m or M_LIST
-    for k, n in KN_LIST:
-        for m in ms:
-            x, w_f, w, gx = _operands(m, k, n, args.fmt, group)
+    if dry:
+        m, k, n = 64, 256, 128
+    cpu = jax.devices("cpu")[0]
+    rows = []
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((m, k)) * np.exp(rng.standard_normal((1, k))), jnp.bfloat16)
+    perm = jnp.asarray(rng.permutation(k).astype(np.int32))
+    smooth = jnp.asarray(np.exp(0.3 * rng.standard_normal(k)), jnp.float32)
+    gx = jnp.float32(float(jnp.max(jnp.abs(x.astype(jnp.float32)))) / 2688 * 2)
+    qcases = (("nvfp4", None, {}), ("nvfp4", None, dict(perm=perm, hadamard=True, smooth=smooth)),
+              ("int4", 64, {}), ("int4", 64, dict(perm=perm, hadamard=True)), ("int3", 64, {}))
+    for fmt, g, kw in qcases[1:3] if dry else qcases:
+        args = dict(global_scale=gx if fmt == "nvfp4" else None, group_size=g, **kw)
+        with _impl(dry):
+            got = jax.jit(lambda x: pk.quantize_activation(x, fmt, **args))(x)
+        with jax.default_device(cpu):
+            ref = jax.jit(lambda x: reference.quantize_activation(x, fmt, **args))(jax.device_put(x, cpu))
+        bad_c = int(np.sum(np.asarray(got.codes) != np.asarray(ref.codes)))
+        sg, sr = (np.asarray(jax.lax.bitcast_convert_type(q.scales, jnp.uint8 if fmt == "nvfp4" else jnp.uint16))
+                  for q in (got, ref))
+        tag = f"quantize_activation {fmt}{'' if g is None else f' g{g}'}" + (" perm+had" if kw else "")
+        rows.append((tag, f"{m}x{k}", f"{bad_c} / {got.codes.size} code bytes, {int(np.sum(sg != sr))} / {sg.size} "
+                     "scales differ", "PASS" if bad_c == 0 and (sg == sr).all() else "FAIL"))
+    gcases = (("w4a4", "nvfp4", None, jnp.bfloat16), ("w4a4", "int4", 64, jnp.bfloat16),
+              ("w4a4", "int4", 128, jnp.bfloat16), ("w4a4", "int3", 64, jnp.bfloat16),
+              ("w4a16", "nvfp4", None, jnp.bfloat16), ("w4a16", "nvfp4", None, jnp.float16),
+              ("w4a16", "int4", 64, jnp.bfloat16))
+    for op, fmt, g, dt in gcases[:2] + gcases[4:5] if dry else gcases:
+        xx, _, w, gxx = _operands(m, k, n, fmt, g, seed=1)
+        xx = xx.astype(dt)
+        xv = xx.astype(jnp.float32)
+        if op == "w4a4":
+            xq = jax.jit(lambda x: reference.quantize_activation(x, fmt, global_scale=gxx if fmt == "nvfp4" else None,
+                                                                  group_size=g))(xx)
+            with _impl(dry):
+                out = jax.jit(lambda xq, w: pk.w4a4_matmul(xq, w, out_dtype=jnp.float32))(xq, w)
+            ref = jax.jit(lambda xq, w: reference.w4a4_matmul_packed(xq, w, out_dtype=jnp.float32))(xq, w)
+            xv, gxs = reference.dequantize_act_parts(xq)
+            xv = xv * (1.0 if gxs is None else gxs)
+        else:
+            with _impl(dry):
+                out = jax.jit(lambda x, w: pk.w4a16_matmul(x, w, out_dtype=jnp.float32))(xx, w)
+            ref = jax.jit(lambda x, w: reference.w4a16_matmul(x, w, out_dtype=jnp.float32))(xx, w)
+        bound = jnp.abs(xv) @ jnp.abs(w.dequantize(jnp.float32))
+        rel = np.asarray(jnp.max(jnp.abs(out - ref) / (bound + 1e-30), axis=1))
+        tag = f"{op} {fmt}{'' if g is None else f' g{g}'} ({jnp.dtype(dt).name} x)"
+        rows.append((tag, f"{m}x{k}x{n}", f"max rel {rel.max():.2e}, {int(np.sum(rel > 1e-5))} / {m} rows > 1e-5",
+                     "PASS" if rel.max() <= 1e-5 else "FAIL"))
+    report.table("Kernels vs XLA reference (on this device)", ["kernel", "shape", "result", "verdict"], rows,
+                 "quantize_activation: reference evaluated on the host CPU (IEEE f32 division). GEMMs: relative to "
+                 "|x| @ |w| (the fp32 accumulation bound).")
+    return all(r[-1] == "PASS" for r in rows)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. GEMM timings
+# --------------------------------------------------------------------------------------------
+def bench_gemm(report, *, dry, reps, rounds, m_list=M_LIST, shapes=SHAPES):
+    import pallas_kernels as pk
+    from pallas_kernels import reference
+
+    if dry:
+        m_list, shapes, reps, rounds = (64,), ((256, 128),), 1, 1
+    cols = ["bf16 (XLA)", "W4A4 nvfp4", "act pass", "W4A4+act", "W4A4 int4 g64", "W4A4 int4 g128", "W4A16 nvfp4",
+            "W4A16 int4", "fp8 (XLA)", "sdg nvfp4"]
+    rows = []
+    kw = dict(reps=reps, rounds=rounds)
+    for k, n in shapes:
+        for m in m_list:
             flops = 2.0 * m * k * n
-            kw = dict(reps=args.reps, rounds=args.rounds)
+            x, w_f, wn, gx = _operands(m, k, n, "nvfp4", None)
             res = {}
-            res["bf16"] = _try_time(lambda: (jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16)),
-                                             (x, w_f)), **kw)
-            res["w4a4"] = _try_time(lambda: (jax.jit(lambda a, w, g: tk.w4a4_matmul(
-                a, w, act_global_scale=g if args.fmt == "nvfp4" else None)), (x, w, gx)), **kw)
-            res["w4a16"] = _try_time(lambda: (jax.jit(lambda a, w: tk.w4a16_matmul(a, w)), (x, w)), **kw)
+            res["bf16 (XLA)"] = _try_time(lambda: (jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16)),
+                                                   (x, w_f)), **kw)
+            with _impl(dry):
+                quant = jax.jit(lambda x, g: pk.quantize_activation(x, "nvfp4", global_scale=g))
+                xq = quant(x, gx)
+                res["W4A4 nvfp4"] = _try_time(lambda: (jax.jit(lambda q, w: pk.w4a4_matmul(q, w)), (xq, wn)), **kw)
+                res["act pass"] = _try_time(lambda: (quant, (x, gx)), **kw)
+                res["W4A4+act"] = _try_time(lambda: (jax.jit(lambda x, w, g: pk.w4a4_matmul(x, w, act_global_scale=g)),
+                                                     (x, wn, gx)), **kw)
+                for g in (64, 128):
+                    _, _, wi, _ = _operands(m, k, n, "int4", g)
+                    xqi = jax.jit(lambda x: pk.quantize_activation(x, "int4", group_size=g))(x)
+                    res[f"W4A4 int4 g{g}"] = _try_time(lambda: (jax.jit(lambda q, w: pk.w4a4_matmul(q, w)), (xqi, wi)),
+                                                       **kw)
+                res["W4A16 nvfp4"] = _try_time(lambda: (jax.jit(lambda a, w: pk.w4a16_matmul(a, w)), (x, wn)), **kw)
+                _, _, wi, _ = _operands(m, k, n, "int4", 64)
+                res["W4A16 int4"] = _try_time(lambda: (jax.jit(lambda a, w: pk.w4a16_matmul(a, w)), (x, wi)), **kw)
             x8, w8 = x.astype(jnp.float8_e4m3fn), w_f.astype(jnp.float8_e4m3fn)
-            res["fp8"] = _try_time(lambda: (jax.jit(lambda a, b: jax.lax.dot_general(
+            res["fp8 (XLA)"] = _try_time(lambda: (jax.jit(lambda a, b: jax.lax.dot_general(
                 a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.bfloat16)), (x8, w8)), **kw)
 
             def make_sdg():
                 cfg = jax.nn.get_scaled_dot_general_config("nvfp4", global_scale=gx)
-                wt = w_f.T  # [N, K]: contract the last dims of both
                 f = jax.jit(lambda a, b: jax.nn.scaled_dot_general(
                     a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16, configs=[cfg, cfg]))
-                return f, (x, wt)
+                return f, (x, w_f.T)
 
-            res["sdg-nvfp4"] = _try_time(make_sdg, **kw)
-            print(f"{m:>5} {k:>6} {n:>6} | " + " | ".join(_fmt_cell(res[c], flops, res["bf16"]) for c in cols),
-                  flush=True)
-            if args.autotune:
-                autotune(x, w, gx, args, flops)
-    if args.check:
-        check_numerics(args)
+            res["sdg nvfp4"] = _try_time(make_sdg, **kw) if not dry else "n/a (CPU)"
+            t_bf16 = res["bf16 (XLA)"]
 
+            def cell(c):
+                t = res[c]
+                if isinstance(t, str):
+                    return t
+                ratio = t_bf16 / t if isinstance(t_bf16, float) else float("nan")
+                if c == "act pass":
+                    return f"{t * 1e6:.1f} us"
+                return f"{flops / t / 1e12:.3g} TF/s ({ratio:.2f}x)"
 
-def autotune(x, w, gx, args, flops):
-    from pallas_kernels import triton_kernels as tk
-
-    best = None
-    for blocks in AUTOTUNE_BLOCKS:
-        f = jax.jit(lambda a, w, g, blocks=blocks: tk.w4a4_matmul(
-            a, w, act_global_scale=g if w.fmt == "nvfp4" else None, blocks=blocks))
-        t = _try_time(lambda: (f, (x, w, gx)), reps=args.reps, rounds=args.rounds)
-        if not isinstance(t, str) and (best is None or t < best[0]):
-            best = (t, blocks)
-        print(f"      autotune {blocks}: {_fmt_cell(t, flops, None)}")
-    if best:
-        print(f"      best: {best[1]} {flops / best[0] / 1e12:.1f} TFLOP/s")
+            rows.append([m, k, n] + [cell(c) for c in cols])
+            if isinstance(res["W4A4 nvfp4"], float) and isinstance(res["sdg nvfp4"], float):
+                rows[-1][-1] += f" [W4A4 {res['sdg nvfp4'] / res['W4A4 nvfp4']:.2f}x faster]"
+    report.table("GEMMs (median time; TFLOP/s = 2MKN / t; ratio = speed vs XLA bf16)", ["M", "K", "N"] + cols, rows,
+                 "W4A4 nvfp4 / int4: the packed x packed GEMM alone (the activation quantized once per site is "
+                 "shared by its linears); W4A4+act: quantize_activation + GEMM on a bf16 x.")
 
 
-def check_numerics(args):
-    """Kernel vs XLA reference on the GPU: rows beyond fp32 accumulation, per division mode."""
-    from pallas_kernels import reference
-    from pallas_kernels import triton_kernels as tk
+# --------------------------------------------------------------------------------------------
+# 3. FLUX.1-dev-shaped forward
+# --------------------------------------------------------------------------------------------
+def _flux_params(config, *, dry):
+    from pqjax import formats
+    from pqjax import sites as S
+    from pqjax.config import DEFAULT_RULES, resolve_rules
+    from pqjax.models import flux
+    from pqjax.models.layers import ActQuant
 
-    print("\nnumerics: W4A4 kernel vs XLA reference (rows off beyond 1e-5 of |x|@|w|)")
-    for fmt, group in (("nvfp4", None), ("int4", 64), ("int3", 64)):
-        x, w_f, w, gx = _operands(512, 3072, 3072, fmt, group, seed=1)
-        g = gx if fmt == "nvfp4" else None
-        ref = jax.jit(lambda a, w, g: reference.w4a4_matmul(a, w, act_global_scale=g, out_dtype=jnp.float32))(x, w, g)
-        bound = jnp.abs(x.astype(jnp.float32)) @ jnp.abs(w.dequantize(jnp.float32))
-        for mode in ("ieee", "native"):
+    params = jax.jit(lambda k: flux.init_params(config, k, dtype=jnp.bfloat16))(jax.random.key(0))
+    rule_of, _ = resolve_rules(S.linear_paths(params), DEFAULT_RULES)
+    table = S.flux_sites(config)
+    tap_of = {c: inp for s in table for c, inp in zip(s.consumers, s.inputs)}
+    quant = jax.jit(lambda w: formats.quantize(w, "nvfp4", axis=0))
+    rng = np.random.default_rng(0)
+    q, acts = params, {}
+    for path, rule in rule_of.items():
+        if rule.action == "keep":
+            continue
+        lin = dict(S.get_path(q, path))
+        lin["kernel"] = quant(lin["kernel"])
+        if rule.action == "w4a4":
+            lin["act_quant"] = acts.setdefault(tap_of.get(path, path), ActQuant(global_scale=jnp.float32(8.0 / 2688)))
+        q = S.set_path(q, path, lin)
+    for site in table:  # a permutation at every P1/P3 site (timing the fused gather; not absorbed)
+        if site.norm is not None:
+            norm = dict(S.get_path(q, site.norm)) if _has(q, site.norm) else {}
+            norm["perm"] = jnp.asarray(rng.permutation(site.k).astype(np.int32))
+            q = S.set_path(q, site.norm, norm)
+    return params, q
+
+
+def _has(params, path):
+    from pqjax import sites as S
+
+    try:
+        S.get_path(params, path)
+        return True
+    except KeyError:
+        return False
+
+
+def bench_flux(report, *, dry, reps, rounds, blocks=True, full=True):
+    from pqjax.models import flux
+    from pqjax.models.flux import FluxConfig
+
+    if dry:
+        config, n_img, n_txt, reps, rounds = FluxConfig.tiny(num_layers=1, num_single_layers=1), 16, 8, 1, 1
+    else:
+        config, n_img, n_txt = FluxConfig.flux_dev(), 4096, 512
+    params, q = _flux_params(config, dry=dry)
+    r = np.random.default_rng(1)
+    inputs = dict(hidden_states=jnp.asarray(r.standard_normal((1, n_img, config.in_channels)), jnp.bfloat16),
+                  encoder_hidden_states=jnp.asarray(r.standard_normal((1, n_txt, config.joint_attention_dim)),
+                                                    jnp.bfloat16),
+                  pooled_projections=jnp.asarray(r.standard_normal((1, config.pooled_projection_dim)), jnp.bfloat16),
+                  timestep=jnp.full((1,), 0.5, jnp.bfloat16), guidance=jnp.full((1,), 3.5, jnp.bfloat16),
+                  img_ids=jnp.asarray(r.integers(0, 64, (n_img, 3)), jnp.float32), txt_ids=jnp.zeros((n_txt, 3)))
+    # per-block cost from whole forwards of sub-models (public API only): t(1 double) - t(no blocks), etc.
+    import dataclasses
+
+    def sub(p, nd, ns):
+        return {**p, "transformer_blocks": {str(i): p["transformer_blocks"][str(i)] for i in range(nd)},
+                "single_transformer_blocks": {str(i): p["single_transformer_blocks"][str(i)] for i in range(ns)}}
+
+    times = {}
+    for nd, ns in ((0, 0), (1, 0), (0, 1)) if blocks else ():
+        cfg = dataclasses.replace(config, num_layers=nd, num_single_layers=ns)
+        fwd = jax.jit(lambda p, cfg=cfg: flux.forward(cfg, p, **inputs))
+        for tag, pp, ctxm in (("bf16", params, contextlib.nullcontext()), ("nvfp4 W4A4", q, _impl(dry))):
+            with ctxm:
+                times[(nd, ns, tag)] = _try_time(lambda: (fwd, (sub(pp, nd, ns),)), reps=reps, rounds=rounds)
+
+    def diff(a, b):
+        return a - b if isinstance(a, float) and isinstance(b, float) else "n/a"
+
+    rows, est = [], {}
+    for name, key in (("double block", (1, 0)), ("single block", (0, 1))) if blocks else ():
+        rows.append(_flux_row(name, diff(times[key + ("bf16",)], times[(0, 0, "bf16")]),
+                              diff(times[key + ("nvfp4 W4A4",)], times[(0, 0, "nvfp4 W4A4")])))
+    for tag in ("bf16", "nvfp4 W4A4") if blocks else ():
+        d = diff(times[(1, 0, tag)], times[(0, 0, tag)])
+        s_ = diff(times[(0, 1, tag)], times[(0, 0, tag)])
+        est[tag] = (times[(0, 0, tag)] + config.num_layers * d + config.num_single_layers * s_
+                    if isinstance(d, float) and isinstance(s_, float) else "n/a")
+    if blocks:
+        rows.append(_flux_row(f"embed + {config.num_layers} x double + {config.num_single_layers} x single (sum)",
+                              est["bf16"], est["nvfp4 W4A4"]))
+        report.table("FLUX.1-dev-shaped blocks (batch 1, 1024x1024: 4096 image + 512 text tokens)",
+                     ["what", "bf16", "nvfp4 W4A4", "quantized / bf16 speed"], rows,
+                     "block = forward with one block minus forward with none (embedders and final layer alone).")
+    if not full:
+        return
+    rows = []
+    f_t = {}
+    for tag, p, ctxm in (("bf16", params, contextlib.nullcontext()), ("nvfp4 W4A4", q, _impl(dry))):
+        with ctxm:
+            fwd = jax.jit(lambda p: flux.forward(config, p, **inputs))
+            t0 = time.perf_counter()
             try:
-                out = jax.jit(lambda a, w, g, mode=mode: tk.w4a4_matmul(
-                    a, w, act_global_scale=g, out_dtype=jnp.float32, div_mode=mode))(x, w, g)
-                rel = jnp.max(jnp.abs(out - ref) / (bound + 1e-30), axis=1)
-                print(f"  {fmt:6} div_mode={mode:6}: {int(jnp.sum(rel > 1e-5))} / {x.shape[0]} rows, "
-                      f"max rel {float(jnp.max(rel)):.3g}")
+                jax.block_until_ready(fwd(p))
+                compile_s = time.perf_counter() - t0
+                f_t[tag] = _time(fwd, p, reps=max(1, reps // 4), rounds=rounds)
             except Exception as e:
-                print(f"  {fmt:6} div_mode={mode:6}: n/a ({type(e).__name__}: {e})")
+                compile_s, f_t[tag] = float("nan"), f"n/a ({type(e).__name__})"
+        print(f"flux forward {tag}: first call {compile_s:.1f} s", flush=True)
+    rows.append(_flux_row("whole forward (one denoising step)", f_t["bf16"], f_t["nvfp4 W4A4"]))
+    report.table("FLUX.1-dev-shaped forward", ["what", "bf16", "nvfp4 W4A4", "quantized / bf16 speed"], rows)
 
 
-def cpu_smoke():
-    from pallas_kernels import reference
-    from pallas_kernels import triton_kernels as tk
-
-    print("no GPU present: timings need an NVIDIA GPU (sm_80+). "
-          "Running one tiny interpret-mode shape instead.")
-    m, k, n = 64, 256, 128
-    x, _, w, gx = _operands(m, k, n, "nvfp4", None)
-    t0 = time.perf_counter()
-    out_k = jax.jit(lambda a, w, g: tk.w4a4_matmul(a, w, act_global_scale=g, out_dtype=jnp.float32,
-                                                   interpret=True))(x, w, gx)
-    out_r = jax.jit(lambda a, w, g: reference.w4a4_matmul(a, w, act_global_scale=g, out_dtype=jnp.float32))(x, w, gx)
-    diff = float(jnp.max(jnp.abs(out_k - out_r)))
-    print(f"nvfp4 W4A4 {m}x{k}x{n}: max |kernel - reference| = {diff:.3g} "
-          f"(max |ref| = {float(jnp.max(jnp.abs(out_r))):.3g}); {time.perf_counter() - t0:.2f} s")
+def _flux_row(name, tb, tq):
+    fmt = lambda t: t if isinstance(t, str) else f"{t * 1e3:.2f} ms"  # noqa: E731
+    ratio = f"{tb / tq:.2f}x" if isinstance(tb, float) and isinstance(tq, float) else "n/a"
+    return (name, fmt(tb), fmt(tq), ratio)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--fmt", default="nvfp4", choices=("nvfp4", "int4", "int3"))
-    p.add_argument("--group", type=int, default=64, help="INT group size")
-    p.add_argument("--m", type=int, nargs="*", help="M values (default: 64 512 4608 9216)")
+    p.add_argument("--out", help="append the markdown tables to this file")
+    p.add_argument("--only", nargs="*", choices=("check", "gemm", "flux", "forward"),
+                   default=("check", "gemm", "flux", "forward"),
+                   help="sections: kernel checks, GEMM timings, FLUX blocks, the whole FLUX forward")
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--autotune", action="store_true")
-    p.add_argument("--check", action="store_true", help="kernel-vs-reference numerics on the GPU")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--dry-run", action="store_true", help="CPU, interpret mode, tiny shapes (tests the script)")
     args = p.parse_args(argv)
-    if _on_nvidia_gpu():
-        bench_gpu(args)
-    else:
-        cpu_smoke()
-    return 0
+    dry = args.dry_run
+    report = Report(args.out)
+    if not dry and not on_nvidia_gpu():
+        print("no NVIDIA GPU present: timings need one (sm_80+). Use --dry-run to exercise the script on CPU.")
+        return 0
+    dev = jax.devices()[0]
+    head = (f"device: {dev.device_kind} (compute capability {getattr(dev, 'compute_capability', '-')}), "
+            f"jax {jax.__version__}{', DRY RUN (CPU, interpret mode)' if dry else ''}")
+    print(head)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(f"\n## pallas_kernels.bench: {head}\n")
+    ok = True
+    if "check" in args.only:
+        ok = check(report, dry=dry)
+    if "gemm" in args.only:
+        bench_gemm(report, dry=dry, reps=args.reps, rounds=args.rounds)
+    if "flux" in args.only or "forward" in args.only:
+        bench_flux(report, dry=dry, reps=args.reps, rounds=args.rounds, blocks="flux" in args.only,
+                   full="forward" in args.only)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

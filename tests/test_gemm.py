@@ -324,3 +324,15 @@ def test_blackwell_scaled_matmul_lowers_to_block_scaled_dot():
     with pk.use_impl("cudnn"):  # INT formats keep the Triton kernels
         w4 = jax.eval_shape(lambda: quantize(jnp.zeros((512, 128), jnp.float32), "int4", axis=0))
         assert "block_scaled_dot" not in str(jax.make_jaxpr(lambda x, w: pk.w4a4_matmul(x, w))(x, w4))
+
+
+def test_bench_dry_run_writes_every_table(tmp_path, capsys):
+    """The GPU script's code path on CPU: interpret mode, tiny shapes; every table lands in --out."""
+    from pallas_kernels import bench
+
+    out = tmp_path / "bench.md"
+    assert bench.main(["--dry-run", "--out", str(out), "--reps", "1", "--rounds", "1"]) == 0
+    text = out.read_text()
+    for title in ("Kernels vs XLA reference", "GEMMs", "FLUX.1-dev-shaped blocks", "FLUX.1-dev-shaped forward"):
+        assert title in text, title
+    assert "FAIL" not in text and text.count("PASS") == 5

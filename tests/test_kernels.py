@@ -431,9 +431,8 @@ def test_triton_ir_compiles_to_cubin(config):
         assert "div.full.f32" not in kern.asm["ptx"]
 
 
-def test_bench_cpu_smoke(capsys):
+def test_bench_without_gpu_says_so(capsys):
     from pallas_kernels import bench
 
-    bench.main([])
-    out = capsys.readouterr().out
-    assert "no GPU" in out and "max |kernel - reference|" in out
+    assert bench.main([]) == 0
+    assert "no NVIDIA GPU" in capsys.readouterr().out
