@@ -186,7 +186,8 @@ def check_packed_args(xq, w, bias, out_dtype, *, who: str) -> Problem:
         raise ValueError(f"{who}: xq is {xq.fmt} (group {xq.group_size}) of shape {xq.shape} but w is {w.fmt} "
                          f"(group {w.group_size}) of shape {w.shape}; both operands must share format and group")
     if xq.shape[-1] != k:
-        raise ValueError(f"{who}: xq of shape {xq.shape} does not match the kernel [K={k}, N={n}] (last axis must be K)")
+        raise ValueError(f"{who}: xq of shape {xq.shape} does not match the kernel [K={k}, N={n}] "
+                         "(last axis must be K)")
     if bias is not None:
         if tuple(bias.shape) != (n,):
             raise ValueError(f"{who}: bias must have shape ({n},), got {tuple(bias.shape)}")

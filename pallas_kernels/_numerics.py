@@ -6,7 +6,7 @@ equal width.  No gathers, no float8/float4 dtypes (sm_80 cannot convert float8 i
 ``uint4 -> float4_e2m1fn`` bitcast does not lower), no ``lax.clamp``/``lax.round``.
 
 The same functions run on CPU (interpret mode) and are tested exhaustively against
-:mod:`pqjax.formats` / ml_dtypes in ``tests/test_kernels.py``.
+:mod:`pqjax.formats` / ml_dtypes in ``tests/test_kernels.py`` and ``tests/test_quantize_activation.py``.
 
 Division (see :func:`div`): exact ties of the e2m1 / INT rounding are COMMON (bf16 inputs have 8
 significant bits, e4m3 scales 4), so the result of ``x / s`` must be correctly rounded for the
@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["div", "e2m1_value", "e4m3_value", "round_e4m3", "round_e2m1", "round_half_even",
-           "clip", "interleave2", "interleave8", "e2m1_code", "e4m3_code", "rint_small", "fwht"]
+__all__ = ["div", "round_e4m3", "clip", "interleave2", "interleave8", "e2m1_code", "e4m3_code", "rint_small",
+           "fwht"]
 
 _F32 = jnp.float32
 _I32 = jnp.int32
@@ -68,30 +68,6 @@ def clip(x, lo, hi):
     return jnp.minimum(jnp.maximum(x, lo), hi)
 
 
-def _pow2(e):
-    """2.0**e for an int32 array ``e`` in the normal f32 exponent range, via the bit pattern."""
-    return lax.bitcast_convert_type((e + 127) << 23, _F32)
-
-
-def e2m1_value(c):
-    """int32 e2m1 codes (low 4 bits: sign, 2-bit exponent, 1-bit mantissa) -> float32 value."""
-    e = (c >> 1) & 3
-    m = c & 1
-    twice = jnp.where(e == 0, m, (m + 2) << jnp.maximum(e - 1, 0))  # 2 * |value|, an integer
-    v = twice.astype(_F32) * 0.5
-    return jnp.where((c & 8) != 0, -v, v)
-
-
-def e4m3_value(b):
-    """int32 float8_e4m3fn bit patterns (0..255) -> float32 value (0x7F / 0xFF -> NaN)."""
-    e = (b >> 3) & 15
-    m = b & 7
-    mant = jnp.where(e == 0, m, m + 8)
-    v = mant.astype(_F32) * _pow2(jnp.maximum(e, 1) - 10)
-    v = jnp.where((b & 128) != 0, -v, v)
-    return jnp.where((b & 127) == 127, jnp.nan, v)
-
-
 def round_e4m3(v):
     """Round float32 ``v`` in [0, 448] to the float8_e4m3fn grid, nearest-even (incl. subnormals).
 
@@ -106,31 +82,6 @@ def round_e4m3(v):
     up = (d > 0.5) | ((d == 0.5) & ((n & 1) == 1))
     sub = (n + jnp.where(up, 1, 0)).astype(_F32) * (1.0 / 512.0)
     return jnp.where(v < 2.0 ** -6, sub, normal)
-
-
-# (threshold, tie rounds up?) on |y| between consecutive e2m1 magnitudes 0,.5,1,1.5,2,3,4,6; the
-# value added when crossing.  A tie rounds to the even code (mantissa bit 0).
-_E2M1_STEPS = ((0.25, False, 0.5), (0.75, True, 0.5), (1.25, False, 0.5), (1.75, True, 0.5),
-               (2.5, False, 1.0), (3.5, True, 1.0), (5.0, False, 2.0))
-
-
-def round_e2m1(y):
-    """float32 ``y`` in [-6, 6] -> nearest-even e2m1 VALUE (float32), i.e. ``e2m1_decode(e2m1_encode(y))``."""
-    a = jnp.abs(y)
-    v = jnp.zeros_like(a)
-    for t, up, step in _E2M1_STEPS:
-        v = v + jnp.where((a >= t) if up else (a > t), step, 0.0)
-    return jnp.where(y < 0, -v, v)
-
-
-def round_half_even(y):
-    """float32 ``y`` with ``|y| < 2^31`` -> nearest integer, ties to even (float32)."""
-    a = jnp.abs(y)
-    n = a.astype(_I32)
-    d = a - n.astype(_F32)
-    up = (d > 0.5) | ((d == 0.5) & ((n & 1) == 1))
-    r = (n + jnp.where(up, 1, 0)).astype(_F32)
-    return jnp.where(y < 0, -r, r)
 
 
 def interleave2(a, b):

@@ -123,7 +123,6 @@ def _interleave(planes):
     """``n`` (a power of 2) planes ``[R, w]`` -> ``[R, n * w]`` with ``out[:, n * i + j] = planes[j][:, i]``."""
     if len(planes) == 1:
         return planes[0]
-    half = len(planes) // 2
     even, odd = _interleave(planes[0::2]), _interleave(planes[1::2])  # even[:, h*i + a] = planes[2a][:, i]
     r, n = even.shape
     return jnp.stack([even, odd], axis=-1).reshape(r, 2 * n)

@@ -123,8 +123,6 @@ def bf16_matmul(x, w_nk, *, block_m=128, block_n=128, block_k=64, num_warps=8, n
 
     The calibration point of the budget model: it must predict ~1.0 of bf16 peak.
     """
-    import functools
-
     import jax
     import jax.numpy as jnp
     from jax import lax

@@ -53,7 +53,6 @@ per-group ``sum_g (x_g . qw_g) * sw[n,g]`` up to fp32 accumulation order.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

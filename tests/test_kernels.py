@@ -27,7 +27,7 @@ import pytest
 import pallas_kernels as pk
 from pallas_kernels import _numerics as nm
 from pallas_kernels import gpu_check, reference, triton_kernels
-from pqjax.formats import e2m1_decode, e2m1_encode, fake_quant, quantize
+from pqjax.formats import fake_quant, quantize
 
 SEED = int(os.environ.get("PQJAX_TEST_SEED", np.random.SeedSequence().entropy % (2**31)))
 FP32_TOL = 1e-5  # |diff| / (|x| @ |w|): fp32 accumulation (observed ~4e-8)
@@ -260,12 +260,6 @@ def test_nonfinite_activation_rows_are_nan(impl, fmt):
 # --------------------------------------------------------------------------------------------
 def test_numerics_helpers():
     b = np.arange(256, dtype=np.int32)
-    np.testing.assert_array_equal(
-        np.asarray(jax.jit(nm.e4m3_value)(b)),
-        b.astype(np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32))
-    c = np.arange(16, dtype=np.int32)
-    np.testing.assert_array_equal(np.asarray(jax.jit(nm.e2m1_value)(c)),
-                                  np.asarray(e2m1_decode(c.astype(np.uint8))))
     grid = b.astype(np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
     grid = np.unique(grid[np.isfinite(grid) & (grid >= 0)])
     rng = _rng("helpers")
@@ -274,13 +268,6 @@ def test_numerics_helpers():
     v = np.clip(v, 0, 448).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(jax.jit(nm.round_e4m3)(v)),
                                   v.astype(ml_dtypes.float8_e4m3fn).astype(np.float32))
-    mids = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32)
-    y = np.concatenate([mids, -mids, np.nextafter(mids, 0), np.nextafter(mids, 9), rng.uniform(-6, 6, 20000),
-                        [0.0, 6.0, -6.0]]).astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(jax.jit(nm.round_e2m1)(y)),
-                                  np.asarray(e2m1_decode(e2m1_encode(y))))
-    z = np.concatenate([np.arange(-8, 8.25, 0.25), rng.uniform(-8, 8, 20000)]).astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(jax.jit(nm.round_half_even)(z)), np.round(z))
     planes = [jnp.arange(12).reshape(3, 4) * 10 + j for j in range(8)]
     np.testing.assert_array_equal(np.asarray(nm.interleave8(planes)), np.stack(planes, -1).reshape(3, 32))
     a, d = np.float32([-280.0, 3.0, 1.0]), np.float32([56.0, 7.0, 3.0])  # a tie and inexact quotients
