@@ -14,6 +14,7 @@ import pqjax
 from pqjax.calib import CalibBatch, calibrate
 from cli_helpers import fresh_seed as _fresh_seed, run_main
 from pqjax.models import flux
+from tolerances import flux_depth, flux_k, fp32_bound
 from pqjax.pipeline import prepare_img_ids, prepare_txt_ids
 from pqjax.shapes import assets, shapeeval
 from pqjax.shapes import benchmark as B
@@ -64,7 +65,9 @@ def test_shipped_transformer_matches_diffusers(state):
     ours = np.asarray(flux.forward(state.config.flux, state.params["transformer"], hidden_states=x,
                                    encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t,
                                    img_ids=img_ids, txt_ids=txt_ids))
-    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-4
+    fc = state.config.flux
+    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= fp32_bound(flux_k(fc.inner_dim, 64 + 16),
+                                                                          flux_depth(fc.num_layers, fc.num_single_layers))
 
 
 def test_shipped_model_draws_what_captions_ask_for(state, cls):
@@ -95,7 +98,10 @@ def test_calibration_follows_the_demo_schedule(state):
     want = (a0 ** 2).sum(axis=(0, 1)) + (a1 ** 2).sum(axis=(0, 1))
     st = stats["x_embedder"]
     assert float(st.count) == 2 * 2 * 64
-    np.testing.assert_allclose(np.asarray(st.sumsq, np.float64), want, rtol=1e-4)
+    # the jitted calibration pass evaluates the forward in its own rounding order; a square doubles the relative error
+    fc = state.config.flux
+    bound = 2 * fp32_bound(flux_k(fc.inner_dim, 64 + 16), flux_depth(fc.num_layers, fc.num_single_layers))
+    np.testing.assert_allclose(np.asarray(st.sumsq, np.float64), want, rtol=bound)
     # FLUX.1-dev's default (shifted) schedule visits another trajectory
     other = calibrate(state.config.flux, state.params["transformer"],
                       CalibBatch(hidden, pooled, height=32, width=32, num_inference_steps=2, latents=x0,
