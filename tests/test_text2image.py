@@ -253,7 +253,10 @@ def test_cli_sample_writes_the_pipeline_images(tiny, tmp_path, capsys):
     rc = cli.main(["sample", path, "--embeddings", str(tmp_path / "emb.safetensors"), "--out", str(tmp_path / "e"),
                    "--quiet", *flags])
     assert rc == 0
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "e" / "0001.png")), np.asarray(expected[1]))
+    # batch 1 vs batch 2: XLA's fp32 GEMMs at another M round differently (~1e-6 here), so a pixel within that of a
+    # rounding boundary may move by one 8-bit level (1/255 = 3.9e-3 >> 1e-6); a wrong seed or row moves most by many
+    alone = np.asarray(Image.open(tmp_path / "e" / "0001.png")).astype(int)
+    assert np.abs(alone - np.asarray(expected[1]).astype(int)).max() <= 1
 
 
 def test_cli_sample_errors(tiny, tmp_path, capsys):
