@@ -179,7 +179,8 @@ def test_flux_forward_does_not_hold_full_logits(monkeypatch):
 
     def temp_bytes() -> int:
         fwd = jax.jit(lambda p, a: flux.forward(cfg, p, **a))  # a fresh function: LOGITS_BLOCK_BYTES is read at trace
-        return fwd.trace(*args).lower().compile().memory_analysis().temp_size_in_bytes
+        with jax.default_device(jax.devices("cpu")[0]):  # the XLA path, also on a host with a GPU
+            return fwd.trace(*args).lower().compile().memory_analysis().temp_size_in_bytes
 
     blocked = temp_bytes()
     monkeypatch.setattr(layers, "LOGITS_BLOCK_BYTES", 2 * logits_bytes)
