@@ -30,9 +30,9 @@ site are quantized in one call (their rows concatenated, each kernel keeping its
 Memory: ``H``, ``H^-1`` and ``U`` are K x K fp32 (FLUX.1-dev's largest site, K = 12288: 600 MB each): quantize
 one site at a time. Everything is jitted; one compile per (shape, format, options).
 
-Channels the calibration never activated (``H[i, i] == 0``) get ``H[i, i] = 1`` like the reference
-implementation, but their weights are kept (quantized by plain rounding) rather than zeroed: held-out data may
-use them.
+Channels the calibration never activated (``H[i, i] <= 0``) get the mean curvature of the others on the
+diagonal (the reference implementation uses 1), and their weights are kept (quantized by plain rounding) rather
+than zeroed: held-out data may use them.
 """
 from __future__ import annotations
 
@@ -78,11 +78,11 @@ def hessian(x_rows, chunk: int = 1024) -> jax.Array:
 
 
 @jax.jit
-def _upper_inverse_cholesky(h, lam):
+def _upper_inverse_cholesky(h, lam, dead_curvature):
     k = h.shape[0]
     eye = jnp.eye(k, dtype=jnp.float32)
     d = jnp.diag(h)
-    h = h + jnp.diag(jnp.where(d == 0, 1.0, 0.0) + lam)  # dead channels -> unit curvature
+    h = h + jnp.diag(jnp.where(d <= 0, dead_curvature - d, 0.0) + lam)  # dead channels: the mean curvature
     low = jnp.linalg.cholesky(h)
     low_inv = jax.scipy.linalg.solve_triangular(low, eye, lower=True)
     hinv = jnp.dot(low_inv.T, low_inv, precision=_HI)
@@ -93,8 +93,8 @@ def _upper_inverse_cholesky(h, lam):
 def inverse_cholesky(h, *, damp: float = DEFAULT_DAMP, site: str = "?") -> tuple[jax.Array, float]:
     """``(U, lambda)``: the upper Cholesky factor of ``(H + lambda I)^-1`` in fp32 and the damping used.
 
-    ``lambda = damp * mean(diag(H))``; when fp32 Cholesky still fails (an ill-conditioned or singular ``H``),
-    the damping is raised tenfold up to three times. A non-finite, non-square or non-symmetric-PSD ``H`` that
+    ``lambda = damp * mean(diag(H))`` (over the channels with a positive diagonal); when fp32 Cholesky still
+    fails (an ill-conditioned or singular ``H``), the damping is raised tenfold up to three times. A non-finite, non-square or non-symmetric-PSD ``H`` that
     no damping fixes raises ValueError naming ``site``.
     """
     h = jnp.asarray(h, jnp.float32)
@@ -106,12 +106,15 @@ def inverse_cholesky(h, *, damp: float = DEFAULT_DAMP, site: str = "?") -> tuple
     if not damp >= 0:
         raise ValueError(f"GPTQ (site {site}): damp must be >= 0, got {damp}")
     diag = np.asarray(jnp.diag(h), np.float64)
-    if np.any(diag < 0):
+    # fp32 rounding can leave a silent channel's (e.g. a rotated zero-mean direction) diagonal at -tiny; beyond
+    # 1e-3 of the largest (more than 16k terms' worth of u = 2^-24) it is not a Gram matrix
+    if np.any(diag < -1e-3 * max(float(diag.max()), 0.0)) or float(diag.max()) < 0:
         raise ValueError(f"GPTQ (site {site}): the Hessian has negative diagonal entries (not X^T X)")
-    mean = float(np.mean(np.where(diag == 0, 1.0, diag)))
+    live = diag > 0
+    mean = float(np.mean(diag[live])) if live.any() else 1.0
     lam = damp * mean
     for attempt in range(_DAMP_RETRIES + 1):
-        u = _upper_inverse_cholesky(h, jnp.float32(lam))
+        u = _upper_inverse_cholesky(h, jnp.float32(lam), jnp.float32(mean))
         if bool(jnp.all(jnp.isfinite(u))):
             return u, lam
         lam = max(lam, 1e-6 * mean) * 10.0
