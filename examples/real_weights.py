@@ -250,7 +250,8 @@ def table(all_results: dict, n_calib: tuple[int, int], n_held: tuple[int, int], 
                  if lab in all_results[f] and lab != "RTN" else "" for f, _ in fmts]
         if lab != "RTN":
             lines.append(f"| {lab} | " + " | ".join(cells) + " |")
-    lines += ["", "`auto`, per format: what the 24 sites chose, target, and the per-site check on calibration data:", ""]
+    lines += ["", "`auto`, per format: what the 24 sites chose, target, and the per-site check on calibration data:",
+              ""]
     for f, title in fmts:
         r = all_results[f]
         bad = auto_never_above_rtn(r)

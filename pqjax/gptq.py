@@ -94,8 +94,8 @@ def inverse_cholesky(h, *, damp: float = DEFAULT_DAMP, site: str = "?") -> tuple
     """``(U, lambda)``: the upper Cholesky factor of ``(H + lambda I)^-1`` in fp32 and the damping used.
 
     ``lambda = damp * mean(diag(H))`` (over the channels with a positive diagonal); when fp32 Cholesky still
-    fails (an ill-conditioned or singular ``H``), the damping is raised tenfold up to three times. A non-finite, non-square or non-symmetric-PSD ``H`` that
-    no damping fixes raises ValueError naming ``site``.
+    fails (an ill-conditioned or singular ``H``), the damping is raised tenfold up to three times. A non-finite,
+    non-square or non-PSD ``H`` that no damping fixes raises ValueError naming ``site``.
     """
     h = jnp.asarray(h, jnp.float32)
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
