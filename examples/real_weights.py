@@ -29,7 +29,7 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pqjax.site_quant import SiteQuantConfig, quantize_site, site_output_error  # noqa: E402
+from pqjax.site_quant import SiteQuantConfig, quantize_site, site_output_error  # noqa: E402 (after the env)
 
 SITE_KINDS = ("qkv", "attn_out", "ffn_in", "ffn_out")
 

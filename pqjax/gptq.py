@@ -113,7 +113,7 @@ def inverse_cholesky(h, *, damp: float = DEFAULT_DAMP, site: str = "?") -> tuple
     live = diag > 0
     mean = float(np.mean(diag[live])) if live.any() else 1.0
     lam = damp * mean
-    for attempt in range(_DAMP_RETRIES + 1):
+    for _ in range(_DAMP_RETRIES + 1):
         u = _upper_inverse_cholesky(h, jnp.float32(lam), jnp.float32(mean))
         if bool(jnp.all(jnp.isfinite(u))):
             return u, lam

@@ -222,7 +222,7 @@ def _build(t: _Transform, opts, xs, kernels, biases, hessians, act_amaxes, cfg: 
     damping = None
     if "gptq" in opts:
         qts = [None] * len(ws)
-        for key, idx in _kernels_by_input(xs).items():  # kernels reading the same rows share one GPTQ call
+        for idx in _kernels_by_input(xs).values():  # kernels reading the same rows share one GPTQ call
             h = _transform_hessian(hessians[idx[0]], t, g)
             res = gptq_quantize([ws[i] for i in idx], h, fmt=fmt, group_size=gs, four_over_six=f46,
                                      clip_grid=clip, damp=cfg.damp, block_size=cfg.gptq_block, site=site)

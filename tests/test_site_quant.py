@@ -6,7 +6,6 @@ import pytest
 
 import pqjax
 from cli_helpers import fresh_seed
-from pqjax import formats as F
 from pqjax.models.layers import dense
 from pqjax.site_quant import SiteQuantConfig, site_output_error
 
@@ -105,13 +104,13 @@ def test_auto_never_above_best_single_method(fmt):
 
 def test_weight_only_and_given_hessians():
     rng = np.random.default_rng(fresh_seed())
-    x, ws, bs = site(rng)
+    x, ws, _ = site(rng)
     cfg = SiteQuantConfig(format="int4", method="auto", act_quant=False)
     sq = pqjax.quantize_site(x, ws, config=cfg, name="mod")
     assert all("act_quant" not in lin and "bias" not in lin for lin in sq.linears)
     assert not any("hadamard" in lab for lab in sq.report.errors)  # no online rotation on the W4A16 path
     xp = x if sq.perm is None else x[:, sq.perm]
-    for w, lin in zip(ws, sq.linears):
+    for lin in sq.linears:
         y = np.asarray(dense(lin, xp), np.float64)
         y_ref = xp.astype(np.float64) @ np.asarray(lin["kernel"].dequantize(), np.float64)
         assert np.all(np.abs(y - y_ref) <= K * U32 * (np.abs(xp) @ np.abs(np.asarray(lin["kernel"].dequantize()))))
