@@ -14,11 +14,13 @@ K = 128
 
 
 def site(rng, n=256, widths=(32, 48)):
-    """Uneven channel scales (so permutations matter), correlated channels (so GPTQ matters), biases."""
-    x = (rng.standard_normal((n, K)) * np.exp(1.2 * rng.standard_normal(K))) @ (
-        np.eye(K) + 0.1 * rng.standard_normal((K, K)))
-    ws = [rng.standard_normal((K, m)) * 0.05 * np.exp(0.5 * rng.standard_normal((K, 1))) for m in widths]
-    bs = [rng.standard_normal(m) for m in widths]
+    """Every 4th channel 20x louder, its weight rows 20x quieter (equal output contributions: interleaved groups
+    cost a lot, so a permutation wins by a wide margin), correlated channels (so GPTQ matters), biases."""
+    scale = np.where(np.arange(K) % 4 == 0, 20.0, 1.0) * np.exp(0.3 * rng.standard_normal(K))
+    x = (rng.standard_normal((n, K)) @ (np.eye(K) + 0.1 * rng.standard_normal((K, K)))) * scale
+    ws = [rng.standard_normal((K, m)) * 0.05 / scale[:, None] * np.exp(0.3 * rng.standard_normal((K, 1)))
+          for m in widths]
+    bs = [rng.standard_normal(m) * 0.1 for m in widths]
     return x.astype(np.float32), [w.astype(np.float32) for w in ws], [b.astype(np.float32) for b in bs]
 
 
@@ -52,7 +54,7 @@ def test_linears_are_the_deployment_output(fmt, method):
     cfg = SiteQuantConfig(format=fmt, group_size=None if fmt == "nvfp4" else g, method=method, gptq=True)
     sq = pqjax.quantize_site(x, ws, config=cfg, biases=bs, name="toy")
     rot = method == "permuquant-h"
-    assert rot or sq.perm is not None  # uneven channels: the plain permutation is accepted
+    assert rot or sq.perm is not None  # interleaved loud channels: the plain permutation is accepted
     perm = np.arange(K) if sq.perm is None else sq.perm
     assert sorted(perm.tolist()) == list(range(K))
     xt = x[:, perm].astype(np.float64)
