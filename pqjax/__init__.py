@@ -11,6 +11,7 @@ from pqjax.checkpoint import load, save  # noqa: E402
 from pqjax.config import DEFAULT_RULES, METHODS, QuantConfig, Rule  # noqa: E402
 from pqjax.models.flux import FluxConfig  # noqa: E402
 from pqjax.quantize import QuantReport, quantize  # noqa: E402
+from pqjax.site_quant import SiteQuant, SiteQuantConfig, quantize_site  # noqa: E402
 
 __all__ = ["__version__", "formats", "CalibBatch", "QuantConfig", "Rule", "DEFAULT_RULES", "METHODS", "FluxConfig",
-           "QuantReport", "quantize", "save", "load"]
+           "QuantReport", "quantize", "save", "load", "quantize_site", "SiteQuant", "SiteQuantConfig"]
