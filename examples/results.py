@@ -77,7 +77,7 @@ def groups_per_row(state, groups: dict) -> str:
     ks = [int(get_path(params, p)["kernel"].shape[0]) for p, r in rule_of.items() if r.action == "w4a4"]
     parts = []
     for fmt, group in groups.items():
-        g = formats.NVFP4_BLOCK if fmt == "nvfp4" else (group or formats.DEFAULT_INT_GROUP)
+        g = formats.resolve_group(fmt, group)
         parts.append(f"{fmt} {int(np.median([k // g for k in ks]))}")
     return (f"the demo model's {len(ks)} W4A4 linears have K = {min(ks)} .. {max(ks)} (median "
             f"{int(np.median(ks))}), i.e. a median of this many groups per row: " + ", ".join(parts))

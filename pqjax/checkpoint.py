@@ -41,7 +41,7 @@ import numpy as np
 from pqjax.config import QuantConfig, Rule
 from pqjax.formats import QTensor
 from pqjax.models.flux import FluxConfig, param_layout
-from pqjax.models.layers import ActQuant
+from pqjax.formats import ActQuant
 
 __all__ = ["save", "load", "Checkpoint", "CheckpointError", "is_checkpoint", "load_model", "validate_params",
            "report_from_dict", "FORMAT", "FORMAT_VERSION", "MANIFEST"]

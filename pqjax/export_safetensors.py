@@ -16,7 +16,7 @@ Quantized linear (Flax kernel ``W[K, N]`` quantized along K; rows are output cha
 ``M.weight_scale``             F8_E4M3 ``[N, K/16]``     nvfp4 block scales; INT: BF16 (or F16/F32)
                                BF16 ``[N, K/group]``     ``[N, K/group]`` per-group scales
 ``M.weight_global_scale``      F32 ``[]``                nvfp4 only: ``W ~= e2m1(code) * scale * global``
-                                                          (the dequantization multiplier amax/(6*448), NOT its
+                                                          (the dequantization multiplier amax / 2688, NOT its
                                                           reciprocal as in some other tools)
 ``M.input_global_scale``       F32 ``[]``                W4A4 only: static activation scale (nvfp4; 1.0 and
                                                           unused for INT, whose activation scales are dynamic)
@@ -52,7 +52,7 @@ from pqjax.checkpoint import Checkpoint, CheckpointError, report_from_dict, vali
 from pqjax.config import QuantConfig
 from pqjax.formats import QTensor
 from pqjax.models.flux import FluxConfig
-from pqjax.models.layers import ActQuant
+from pqjax.formats import ActQuant
 
 __all__ = ["save_safetensors", "load_safetensors", "is_pqjax_safetensors", "FORMAT_VERSION"]
 

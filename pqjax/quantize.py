@@ -14,8 +14,9 @@ from pqjax import calib, formats
 from pqjax import sites as S
 from pqjax.config import QuantConfig, Rule, resolve_rules
 from pqjax.models.flux import FluxConfig
-from pqjax.models.layers import ActQuant
-from pqjax.permute import block_hadamard, search_site
+from pqjax.formats import ActQuant
+from pqjax.formats import block_hadamard
+from pqjax.permute import search_site
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +133,7 @@ def quantize(params, calib_batch, *, config: QuantConfig = QuantConfig(), model_
             sms = [smooth.get(c) for c, _ in cons]
             xs = [x if s is None else x / s[None] for x, s in zip(xs, sms)]
             ws = [w if s is None else w * s[:, None] for w, s in zip(ws, sms)]
-        scales = [_act_amax_estimate(stats[inp], x, None, False, g) / (6 * 448) for x, (_, inp) in zip(xs, cons)]
+        scales = [_act_amax_estimate(stats[inp], x, None, False, g) / formats.NVFP4_RANGE for x, (_, inp) in zip(xs, cons)]
         res = search_site(xs, ws, fmt=fmt, group_size=g, alpha_grid=config.alpha_grid if config.permutes else (),
                           tau=config.tau, hadamard=config.rotates and act_quant, blocks=site.blocks, mu2_a=mu2,
                           act_quant=act_quant, act_global_scales=scales if fmt == "nvfp4" else None)
@@ -171,7 +172,7 @@ def quantize(params, calib_batch, *, config: QuantConfig = QuantConfig(), model_
         lin["kernel"] = dataclasses.replace(qt, dtype=jnp.dtype(lin["kernel"].dtype).name)  # dequantize() -> model dtype
         if modes[p] == "w4a4":
             amax = _act_amax_estimate(stats[tap_of.get(p, p)], rows, sm, rotate, g)
-            lin["act_quant"] = ActQuant(global_scale=jnp.float32(amax / (6 * 448) if fmt == "nvfp4" else 1.0),
+            lin["act_quant"] = ActQuant(global_scale=jnp.float32(amax / formats.NVFP4_RANGE if fmt == "nvfp4" else 1.0),
                                         smooth=None if sm is None else (1.0 / sm).astype(jnp.float32),
                                         hadamard=rotate)
         qparams = S.set_path(qparams, p, lin)

@@ -104,7 +104,7 @@ def _plan(config, fmt, rules, group_size, params):
 def quantize_tree(config, params, fmt, *, rules=None, group_size=None, method="rtn", perms: bool = True):
     """Quantize the rule-selected kernels of ``params`` (no calibration: for byte counts and timing only).
 
-    W4A4 linears get an ``ActQuant`` (global scale 1/(6*448)*8: any finite value); ``method`` adds what the method
+    W4A4 linears get an ``ActQuant`` (global scale 8 / NVFP4_RANGE: any finite value); ``method`` adds what the method
     does at run time: Hadamard rotation, SmoothQuant factors, and, with ``perms``, an identity ``perm`` under every
     norm that a P1/P3 permutation would use (its permuted read; the upper bound of PermuQuant's storage)."""
     import jax.numpy as jnp
@@ -112,7 +112,7 @@ def quantize_tree(config, params, fmt, *, rules=None, group_size=None, method="r
     from pqjax import formats
     from pqjax import sites as S
     from pqjax.config import DEFAULT_RULES
-    from pqjax.models.layers import ActQuant
+    from pqjax.formats import ActQuant
     plan, qc = _plan(config, fmt, DEFAULT_RULES if rules is None else rules, group_size, params)
     rotate = method in ("hadamard", "permuquant-h")
     for p, mode in plan.items():
@@ -120,7 +120,7 @@ def quantize_tree(config, params, fmt, *, rules=None, group_size=None, method="r
         k = lin["kernel"]
         lin["kernel"] = formats.quantize(k, fmt, axis=0, group_size=None if fmt == "nvfp4" else qc.group)
         if mode == "w4a4":
-            lin["act_quant"] = ActQuant(global_scale=jnp.float32(8.0 / (6 * 448)),
+            lin["act_quant"] = ActQuant(global_scale=jnp.float32(8.0 / formats.NVFP4_RANGE),
                                         smooth=jnp.ones((k.shape[0],), jnp.float32) if method == "smoothquant"
                                         else None, hadamard=rotate)
         params = S.set_path(params, p, lin)
@@ -142,7 +142,7 @@ def memory_report(config, formats=("nvfp4", "int4", "int3"), *, rules=None, grou
     import jax
     import jax.numpy as jnp
 
-    from pqjax.formats import QTensor, nbytes
+    from pqjax.formats import QTensor, nbytes, resolve_group
     from pqjax.models.flux import param_shapes
     shapes = param_shapes(config, jnp.bfloat16)
     base = nbytes(shapes)
@@ -162,7 +162,7 @@ def memory_report(config, formats=("nvfp4", "int4", "int3"), *, rules=None, grou
         qlin = sum(math.prod(l.shape) for l in jax.tree.leaves(q, is_leaf=lambda x: isinstance(x, QTensor))
                    if isinstance(l, QTensor))
         out[fmt] = {"bytes": b, "gib": b / 2 ** 30, "ratio": base / b,
-                    "group_size": 16 if fmt == "nvfp4" else (group_size or 64),
+                    "group_size": resolve_group(fmt, group_size),
                     "w4a4_linears": sum(m == "w4a4" for m in plan.values()),
                     "w4a16_linears": sum(m == "w4a16" for m in plan.values()),
                     "quantized_params": qlin, "quantized_fraction": qlin / n}

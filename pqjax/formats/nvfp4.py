@@ -47,15 +47,16 @@ import numpy as np
 from jax import lax
 
 __all__ = [
-    "E2M1_MAX", "E4M3_MAX", "NVFP4_BLOCK", "e2m1_encode", "e2m1_decode",
+    "E2M1_MAX", "E4M3_MAX", "NVFP4_BLOCK", "NVFP4_RANGE", "e2m1_encode", "e2m1_decode",
     "div_by_scale", "nvfp4_global_scale", "nvfp4_block_quant", "nvfp4_block_dequant",
 ]
 
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 NVFP4_BLOCK = 16
+NVFP4_RANGE = E2M1_MAX * E4M3_MAX   # 2688: the global scale maps amax to it (global = amax / NVFP4_RANGE)
 _INV_6 = np.float32(1) / np.float32(E2M1_MAX)                 # = f32(1/6), what XLA folds "/ 6" into
-_INV_2688 = np.float32(1) / np.float32(E2M1_MAX * E4M3_MAX)   # = f32(1/2688)
+_INV_2688 = np.float32(1) / np.float32(NVFP4_RANGE)           # = f32(1/2688)
 
 # RNE decision points on |x| for e2m1: (threshold, tie goes up?).  A tie rounds to the even code.
 _E2M1_STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True),
