@@ -68,13 +68,13 @@ def notes(results: dict, reports: dict, formats) -> list[str]:
 
 def groups_per_row(state, groups: dict) -> str:
     """How many quantization groups each W4A4 linear's K holds, per format (median over linears)."""
-    from pqjax import formats
-    from pqjax.config import DEFAULT_RULES, resolve_rules
-    from pqjax.sites import get_path, linear_paths
+    from pqjax import formats, stages
+    from pqjax.config import QuantConfig
+    from pqjax.sites import get_path
 
     params = state.params["transformer"]
-    rule_of, _ = resolve_rules(linear_paths(params), DEFAULT_RULES)
-    ks = [int(get_path(params, p)["kernel"].shape[0]) for p, r in rule_of.items() if r.action == "w4a4"]
+    plan = stages.plan_linears(params, state.config.flux, QuantConfig())
+    ks = [int(get_path(params, p)["kernel"].shape[0]) for p, m in plan.modes.items() if m == "w4a4"]
     parts = []
     for fmt, group in groups.items():
         g = formats.resolve_group(fmt, group)

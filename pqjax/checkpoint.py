@@ -242,7 +242,7 @@ def report_from_dict(d: dict | None):
     """``QuantReport.to_dict()`` -> :class:`pqjax.QuantReport` (``None`` stays ``None``)."""
     if d is None:
         return None
-    from pqjax.quantize import QuantReport, SiteReport
+    from pqjax.report import QuantReport, SiteReport
 
     return QuantReport(config=QuantConfig.from_dict(d["config"]),
                        sites=[SiteReport(**s) for s in d.get("sites", [])],

@@ -31,6 +31,7 @@ from pqjax.models import flux
 from pqjax.models.flux import FluxConfig
 from pqjax.models.layers import dense, is_quantized
 from pqjax.pipeline import latent_size, prepare_img_ids, prepare_txt_ids, sample, unpack_latents
+from pqjax.stages import absorb_all
 
 __all__ = ["relative_error", "psnr", "ssim", "site_errors", "compare", "markdown"]
 
@@ -91,12 +92,7 @@ def site_errors(config: FluxConfig, float_params, qparams, perms: dict | None, *
     ``perms``: the accepted permutations per site (``QuantReport.perms``); they are absorbed into ``float_params``
     exactly as ``pqjax.quantize`` did, so that the float and quantized linears read the same channel order. One jit;
     every error is reduced inside it (no activation is kept)."""
-    fp = float_params
-    table = S.flux_sites(config)
-    for site in table:
-        if perms and site.name in perms:
-            fp = S.absorb(fp, site, np.asarray(perms[site.name]))
-    fp = jax.tree.map(jnp.asarray, fp)
+    fp = jax.tree.map(jnp.asarray, absorb_all(float_params, perms or {}, S.flux_sites(config)))
     names = tuple(p for p in S.linear_paths(qparams) if is_quantized(S.get_path(qparams, p)["kernel"]))
     run = _site_errors_fn(config, names)
     out = run(fp, qparams, jnp.asarray(hidden_states), jnp.asarray(encoder_hidden_states),

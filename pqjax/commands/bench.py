@@ -86,54 +86,28 @@ def resolve_preset(preset: str):
 
 # ---------------------------------------------------------------------------------------------- memory
 
-def _plan(config, fmt, rules, group_size, params):
-    """linear path -> "w4a4" | "w4a16" for the linears the rules quantize (K divisible by the group)."""
-    from pqjax import sites as S
-    from pqjax.config import QuantConfig, resolve_rules
-    qc = QuantConfig(format=fmt, group_size=group_size, rules=rules)
-    paths = S.linear_paths(params)
-    rule_of, _ = resolve_rules(paths, qc.rules)
-    plan = {}
-    for p in paths:
-        r = rule_of[p]
-        if r.action != "keep" and S.get_path(params, p)["kernel"].shape[0] % qc.group == 0:
-            plan[p] = r.action
-    return plan, qc
-
-
 def quantize_tree(config, params, fmt, *, rules=None, group_size=None, method="rtn", perms: bool = True):
-    """Quantize the rule-selected kernels of ``params`` (no calibration: for byte counts and timing only).
-
-    W4A4 linears get an ``ActQuant`` (global scale 8 / NVFP4_RANGE: any finite value); ``method`` adds what the method
-    does at run time: Hadamard rotation, SmoothQuant factors, and, with ``perms``, an identity ``perm`` under every
-    norm that a P1/P3 permutation would use (its permuted read; the upper bound of PermuQuant's storage)."""
+    """Quantize the rule-selected kernels of ``params`` without calibration (for byte counts and timing only):
+    :func:`pqjax.stages.pack` with placeholder activation scales. ``method`` adds what it does at run time: the
+    Hadamard rotation, SmoothQuant factors (ones), and, with ``perms``, an identity permutation under every norm
+    that a P1/P3 permutation would use (its permuted read; the upper bound of PermuQuant's storage).
+    Returns ``(qparams, {linear: "w4a4" | "w4a16"})``."""
     import jax.numpy as jnp
+    import numpy as np
 
-    from pqjax import formats
-    from pqjax import sites as S
-    from pqjax.config import DEFAULT_RULES
-    from pqjax.formats import ActQuant
-    plan, qc = _plan(config, fmt, DEFAULT_RULES if rules is None else rules, group_size, params)
-    rotate = method in ("hadamard", "permuquant-h")
-    for p, mode in plan.items():
-        lin = dict(S.get_path(params, p))
-        k = lin["kernel"]
-        lin["kernel"] = formats.quantize(k, fmt, axis=0, group_size=None if fmt == "nvfp4" else qc.group)
-        if mode == "w4a4":
-            lin["act_quant"] = ActQuant(global_scale=jnp.float32(8.0 / formats.NVFP4_RANGE),
-                                        smooth=jnp.ones((k.shape[0],), jnp.float32) if method == "smoothquant"
-                                        else None, hadamard=rotate)
-        params = S.set_path(params, p, lin)
-    if perms and method in ("permuquant", "permuquant-h"):
-        for site in S.flux_sites(config):
-            if site.norm is not None and any(c in plan for c in site.consumers):
-                try:
-                    norm = dict(S.get_path(params, site.norm))
-                except KeyError:
-                    norm = {}
-                norm["perm"] = jnp.arange(site.k, dtype=jnp.int32)
-                params = S.set_path(params, site.norm, norm)
-    return params, plan
+    from pqjax import stages
+    from pqjax.config import DEFAULT_RULES, QuantConfig
+    qc = QuantConfig(format=fmt, method=method, group_size=group_size, rules=DEFAULT_RULES if rules is None else rules)
+    plan = stages.plan_linears(params, config, qc)
+    if perms and qc.permutes:
+        identity = {s.name: np.arange(s.k) for s in plan.active_sites if s.norm is not None}
+        params = stages.absorb_all(params, identity, plan.sites)
+    smooth = None
+    if method == "smoothquant":
+        from pqjax import sites as S
+        smooth = {p: jnp.ones((S.get_path(params, p)["kernel"].shape[0],), jnp.float32)
+                  for p, m in plan.modes.items() if m == "w4a4"}
+    return stages.pack(params, plan, qc, smooth=smooth), {p: m for p, m in plan.modes.items() if m != "keep"}
 
 
 def memory_report(config, formats=("nvfp4", "int4", "int3"), *, rules=None, group_size=None) -> dict:
