@@ -83,6 +83,17 @@ class QuantReport:
                    perms={k: np.asarray(v, np.int32) for k, v in d.get("perms", {}).items()})
 
     @classmethod
+    def parse(cls, d: dict | None):
+        """:meth:`from_dict`, or ``d`` itself when it is no report this version reads (a checkpoint's weights are
+        not refused for an unreadable report); ``None`` stays ``None``."""
+        if d is None:
+            return None
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError, KeyError):
+            return d
+
+    @classmethod
     def as_dict(cls, report) -> dict | None:
         """A report or its :meth:`to_dict` (checked to be JSON-able, copied) -> the dict; ``None`` stays ``None``."""
         if report is None:

@@ -16,9 +16,9 @@ import pytest
 
 import pqjax
 from pqjax.calib import CalibBatch
-from pqjax.checkpoint import MANIFEST, CheckpointError
+from pqjax.io import MANIFEST, CheckpointError
 from pqjax.commands.bench import quantize_tree
-from pqjax.export_safetensors import load_safetensors, save_safetensors
+from pqjax.io import load_safetensors, save_safetensors
 from pqjax.formats import QTensor, nbytes
 from pqjax.models import flux
 from pqjax.models.flux import FluxConfig

@@ -91,7 +91,7 @@ def test_quantize_methods(capsys, work, fmt, method):
                             "--calib-embeds", work / "embeds.safetensors", *CALIB)
     assert rc == 0, err
     assert f"{method} {fmt}" in out and "sites" in out and f"wrote {out_dir}" in out
-    assert "pqjax calibrate: step 2/2" in err and "pqjax search: site" in err      # progress on stderr
+    assert "pqjax calibrate: step 2/2" in err                                      # progress on stderr
     ck = pqjax.load(out_dir)
     assert ck.kind == fmt and ck.quant_config.method == method and ck.config == CFG
     assert ck.report.summary() in out
@@ -108,7 +108,7 @@ def test_quantize_options_quiet_safetensors(capsys, work):
                             "--calib-embeds", work / "embeds.safetensors", *CALIB, "--quiet", "--table")
     assert rc == 0 and err == "", err                        # --quiet: nothing on stderr
     assert "K " in out and "gain" in out                     # --table
-    from pqjax.export_safetensors import load_safetensors
+    from pqjax.io import load_safetensors
     ck = load_safetensors(out_file)
     assert ck.kind == "int4" and ck.quant_config.group_size == 32 and ck.quant_config.alpha_grid == (0.0, 1.0)
     assert not hasattr(ck.params["single_transformer_blocks"]["0"]["proj_mlp"]["kernel"], "fmt")
@@ -195,7 +195,7 @@ def test_failures(capsys, work, tmp_path):
     assert rc == 1 and "no such file" in one_line_error(err, "quantize")
     bad = write_embeds(tmp_path / "bad.safetensors", FluxConfig.tiny(joint_attention_dim=128))
     rc, _, err = run_main(capsys, "quantize", model, tmp_path / "o", "--calib-embeds", bad)
-    assert rc == 1 and "encoder_hidden_states must be [B, T, 64]" in one_line_error(err, "quantize")
+    assert rc == 1 and "encoder_hidden_states must be [B, N_txt, 64]" in one_line_error(err, "quantize")
     rc, _, err = run_main(capsys, "quantize", model, tmp_path / "o", "--calib-embeds", emb, "--calib-prompts", emb)
     assert rc == 2 and "not allowed with" in err
     (tmp_path / "rules.json").write_text('[["x", "int8"]]')

@@ -27,7 +27,7 @@ from safetensors.numpy import save_file  # noqa: E402
 
 import converters  # noqa: E402
 from converters import ConversionError, diffusers_to_bfl, load_flux, state_dict_layout  # noqa: E402
-from converters.safetensors_io import READ_STATS, SafetensorsFile  # noqa: E402
+from pqjax.io.safetensors import READ_STATS, SafetensorsFile  # noqa: E402
 from pqjax.models import flux  # noqa: E402
 
 from flux_fixtures import (TINY, make_diffusers_model, make_inputs, state_dict_numpy, torch_forward,  # noqa: E402

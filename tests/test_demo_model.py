@@ -163,7 +163,7 @@ def test_eval_shapeeval_command(tmp_path, capsys):
 
 def test_eval_shapeeval_scores_a_saved_checkpoint(state, tmp_path, capsys):
     """A quantized checkpoint of the demo transformer, saved with pqjax, scores like the in-memory one."""
-    from pqjax import checkpoint
+    from pqjax.io import checkpoint
     calib = B.calib_batch(state, n=4, steps=2)
     q, rep = B.quantize_demo(state, "nvfp4", "rtn", calib=calib)
     checkpoint.save(tmp_path / "q", q, state.config.flux, rep, quant_config=rep.config)

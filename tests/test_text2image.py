@@ -281,7 +281,7 @@ def test_cli_sample_errors(tiny, tmp_path, capsys):
 
 def test_cli_sample_pqjax_checkpoint(tiny, tmp_path, capsys):
     """MODEL = a pqjax checkpoint of the transformer + --components (the pipeline folder for the rest)."""
-    checkpoint = pytest.importorskip("pqjax.checkpoint")
+    from pqjax.io import checkpoint
     _, path = tiny
     config, params = converters.load_flux(f"{path}/transformer", jnp.float32)
     checkpoint.save(tmp_path / "ckpt", params, config)

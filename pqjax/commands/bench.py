@@ -50,7 +50,7 @@ def add_parser(sub):
 # ---------------------------------------------------------------------------------------------- configs
 
 def resolve_preset(preset: str):
-    from pqjax.checkpoint import MANIFEST
+    from pqjax.io import MANIFEST
     from pqjax.cli import CommandError
     from pqjax.models.flux import FluxConfig
     if preset == "flux-dev":

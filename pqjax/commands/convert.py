@@ -51,7 +51,7 @@ def write_output(out: str, params, config, report=None, *, overwrite: bool = Fal
     """Save to a pqjax checkpoint directory, or to one safetensors file when ``out`` ends in .safetensors."""
     from pqjax.cli import CommandError
     if out.endswith(".safetensors"):
-        from pqjax.export_safetensors import save_safetensors
+        from pqjax.io import save_safetensors
         if os.path.exists(out) and not overwrite:
             raise CommandError(f"{out} already exists (use --overwrite to replace it)")
         return save_safetensors(out, params, config, report)
@@ -75,7 +75,7 @@ def run(args) -> int:
         except ValueError:
             raise CommandError(f"--axes-dims-rope must be comma-separated integers, got {args.axes_dims_rope!r}")
     import converters
-    from pqjax.checkpoint import is_checkpoint
+    from pqjax.io import is_checkpoint
     if os.path.isdir(args.src) and is_checkpoint(args.src):
         raise CommandError(f"{args.src} is already a pqjax checkpoint (nothing to convert)")
     t0 = time.perf_counter()

@@ -63,7 +63,7 @@ def run_shapeeval(args) -> int:
 
     import jax.numpy as jnp
 
-    from pqjax.checkpoint import CheckpointError, load_model
+    from pqjax.io import CheckpointError, load_model
     from pqjax.cli import CommandError
     from pqjax.shapes import assets, shapeeval
     from pqjax.shapes import benchmark as B
@@ -137,7 +137,7 @@ def run(args) -> int:
     import jax.numpy as jnp
 
     from pqjax import evaluate
-    from pqjax.checkpoint import _config_diff, load_model
+    from pqjax.io import config_diff, load_model
     from pqjax.cli import CommandError
 
     if args.shapeeval:
@@ -165,7 +165,7 @@ def run(args) -> int:
     fck = load_model(args.float)
     if fck.config != qck.config:
         raise CommandError(f"{args.float} and {args.quant} are different models "
-                           f"({_config_diff(fck.config, qck.config)})")
+                           f"({config_diff(fck.config, qck.config)})")
     if fck.quantized:
         raise CommandError(f"{args.float} is quantized ({fck.kind}); FLOAT must be the float model")
     config = fck.config

@@ -86,39 +86,21 @@ def check_size(height: int, width: int, flag: str) -> None:
         raise CommandError(f"{flag}: {e}") from None
 
 
-EMBED_NAMES = (("encoder_hidden_states", "pooled_projections"), ("prompt_embeds", "pooled_prompt_embeds"))
-
-
 def read_embeddings(path: str, config, flag: str):
-    """(encoder_hidden_states [B,T,J], pooled_projections [B,P]) as float32 numpy, checked against ``config``.
-
-    The file is a safetensors file with tensors ``encoder_hidden_states`` + ``pooled_projections``, or
-    ``prompt_embeds`` + ``pooled_prompt_embeds`` (what ``pqjax sample --save-embeddings`` and
-    ``pqjax.pipeline.PromptEmbeddings.save`` write)."""
+    """(encoder_hidden_states [B,T,J], pooled_projections [B,P]) as float32 numpy from a prompt-embeddings file
+    (:meth:`pqjax.pipeline.PromptEmbeddings.load`: ``pqjax sample --save-embeddings`` or tensors named
+    ``encoder_hidden_states`` + ``pooled_projections``), checked against ``config``."""
     import numpy as np
 
-    from pqjax.checkpoint import CheckpointError
     from pqjax.cli import CommandError
-    from pqjax.export_safetensors import _header, _read
+    from pqjax.pipeline import PromptEmbeddings
     if not os.path.isfile(path):
         raise CommandError(f"{flag} {path}: no such file")
     try:
-        f = _header(path)
-        names = next((n for n in EMBED_NAMES if set(n) <= set(f.keys())), None)
-        if names is None:
-            raise CommandError(f"{flag} {path}: expected tensors encoder_hidden_states + pooled_projections (or "
-                               f"prompt_embeds + pooled_prompt_embeds), found {sorted(f.keys())[:6]}")
-        ctx = np.asarray(_read(f, names[0]), np.float32)
-        pooled = np.asarray(_read(f, names[1]), np.float32)
-    except CheckpointError as e:
-        raise CommandError(f"{flag}: {e}") from None
-    if ctx.ndim != 3 or ctx.shape[-1] != config.joint_attention_dim:
-        raise CommandError(f"{flag} {path}: encoder_hidden_states must be [B, T, {config.joint_attention_dim}] "
-                           f"for this model, got {list(ctx.shape)}")
-    if pooled.shape != (ctx.shape[0], config.pooled_projection_dim):
-        raise CommandError(f"{flag} {path}: pooled_projections must be [{ctx.shape[0]}, "
-                           f"{config.pooled_projection_dim}] for this model, got {list(pooled.shape)}")
-    return ctx, pooled
+        emb = PromptEmbeddings.load(path).check(config, origin=f"{flag} {path}")
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    return np.asarray(emb.prompt_embeds, np.float32), np.asarray(emb.pooled_prompt_embeds, np.float32)
 
 
 def components_folder(components: str | None, model_path: str) -> str | None:
@@ -227,7 +209,7 @@ def run(args) -> int:
 
     import pqjax
     from pqjax.calib import CalibBatch
-    from pqjax.checkpoint import load_model
+    from pqjax.io import load_model
     from pqjax.cli import CommandError
     from pqjax.formats import nbytes
 
@@ -266,8 +248,7 @@ def run(args) -> int:
                        guidance_scale=args.guidance_scale, seed=args.seed)
     log(args, f"pqjax quantize: {args.method} {args.format} on {describe(config, params)}; calibrating on "
               f"{ctx.shape[0]} prompt(s) x {args.calib_steps} steps at {height}x{width}")
-    qparams, report = pqjax.quantize(params, batch, config=qc, model_config=config, progress=not args.quiet,
-                                     log=lambda m: None)
+    qparams, report = pqjax.quantize(params, batch, config=qc, model_config=config, progress=not args.quiet)
     log(args, f"pqjax quantize: writing {args.out} ...")
     path = write_output(args.out, qparams, config, report, overwrite=args.overwrite)
     if args.report:

@@ -44,7 +44,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="dtype of the text encoders and the transformer (default bfloat16; the VAE runs in float32)")
     p.add_argument("--components", metavar="FOLDER", help="diffusers FLUX pipeline folder providing tokenizers, "
                    "text encoders, VAE and scheduler when MODEL is a pqjax checkpoint (or another transformer-only "
-                   "checkpoint pqjax.checkpoint.load_model reads)")
+                   "checkpoint pqjax.load_model reads)")
     p.add_argument("--save-embeddings", metavar="FILE", help="also write the prompt embeddings (.safetensors)")
     return p
 
@@ -93,26 +93,6 @@ class ProgressBar:
 
 def _is_pipeline_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "model_index.json"))
-
-
-def _load_pqjax_checkpoint(path: str, dtype):
-    """(FluxConfig, params) from a pqjax checkpoint (float or quantized), through pqjax.checkpoint when present."""
-    try:
-        from pqjax import checkpoint
-    except ImportError:
-        raise CommandError(f"{path} is not a diffusers pipeline folder (no model_index.json), and this pqjax build "
-                           "cannot read pqjax checkpoints (pqjax.checkpoint is missing)") from None
-    from pqjax.models.flux import FluxConfig
-
-    load = getattr(checkpoint, "load_model", None) or checkpoint.load  # load_model also reads other layouts
-    ck = load(path, dtype=dtype)
-    config, params = getattr(ck, "config", None), getattr(ck, "params", None)
-    if config is None and isinstance(ck, (tuple, list)):
-        config = next((x for x in ck if isinstance(x, FluxConfig)), None)
-        params = next((x for x in ck if isinstance(x, dict)), None)
-    if not isinstance(config, FluxConfig) or params is None:
-        raise CommandError(f"{path}: the checkpoint did not yield a FLUX transformer (FluxConfig + params)")
-    return config, params
 
 
 def run(args) -> int:
@@ -171,7 +151,11 @@ def run(args) -> int:
         if args.save_embeddings:
             emb.save(args.save_embeddings)
             say(f"wrote prompt embeddings to {args.save_embeddings}")
-    transformer = _load_pqjax_checkpoint(checkpoint_path, dtype) if checkpoint_path else None
+    transformer = None
+    if checkpoint_path:
+        from pqjax.io import load_model
+        ck = load_model(checkpoint_path, dtype=dtype)
+        transformer = (ck.config, ck.params)
     config = transformer[0] if transformer is not None else pipe.transformer.config
     steps = args.steps or (28 if config.guidance_embeds else 4)
 
