@@ -5,7 +5,7 @@
 
 For float, RTN, SmoothQuant, Hadamard, PermuQuant and PermuQuant-H at NVFP4, INT4 and INT3 (default rules: W4A4
 everywhere but the modulation linears, which are W4A16, and the embedders / final layer, which stay float): ShapeEval
-accuracy per task (``pqjax.shapes.shapeeval``), final-latent relative error and image PSNR against the float model on
+accuracy per task (``pqjax.demo.shapeeval``), final-latent relative error and image PSNR against the float model on
 the same prompts and noise, the permutation search's summed site error E, and a grid image. Whatever numbers come
 out are written, with notes derived from them on where PermuQuant helps and where it does not.
 """
@@ -22,10 +22,10 @@ import time
 import jax
 import numpy as np
 
-from pqjax.formats import nbytes
-from pqjax.shapes import assets, shapeeval
-from pqjax.shapes import benchmark as B
-from pqjax.shapes import train_dit as td
+from pqjax.config import METHODS
+from pqjax.demo import assets, shapeeval
+from pqjax.demo import benchmark as B
+from pqjax.formats import FORMATS, nbytes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LABEL = {"rtn": "RTN", "smoothquant": "SmoothQuant", "hadamard": "Hadamard", "permuquant": "PermuQuant",
@@ -88,11 +88,11 @@ def main(argv=None) -> int:
     ap.add_argument("--per-task", type=int, default=50, help="ShapeEval prompts per task (default: 50)")
     ap.add_argument("--steps", type=int, default=20, help="sampler steps (default: 20)")
     ap.add_argument("--calib", type=int, default=32, help="calibration prompts (default: 32)")
-    ap.add_argument("--formats", default=",".join(B.FORMATS))
+    ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--small-group", type=int, default=32, choices=(0, 32),
                     help="also run INT3 with this group size (more groups per row for the permutation to work "
                          "with; 0 to skip; default: 32)")
-    ap.add_argument("--methods", default=",".join(B.METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", type=pathlib.Path, default=ROOT / "docs", help="folder for RESULTS.md, "
                     "results_grid.png and results.json (default: docs/)")
     ap.add_argument("--model", default=None, help="demo model folder (default: the shipped one)")
@@ -101,11 +101,11 @@ def main(argv=None) -> int:
     formats = [f for f in args.formats.split(",") if f]
     methods = [m for m in args.methods.split(",") if m]
     for f in formats:
-        if f not in B.FORMATS:
-            raise SystemExit(f"--formats: unknown format {f!r}; expected some of {B.FORMATS}")
+        if f not in FORMATS:
+            raise SystemExit(f"--formats: unknown format {f!r}; expected some of {FORMATS}")
     for m in methods:
-        if m not in B.METHODS:
-            raise SystemExit(f"--methods: unknown method {m!r}; expected some of {B.METHODS}")
+        if m not in METHODS:
+            raise SystemExit(f"--methods: unknown method {m!r}; expected some of {METHODS}")
     t_all = time.perf_counter()
 
     state = assets.load_demo_model(args.model)
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         f"{datetime.date.today().isoformat()} ({platform.machine()}, {jax.devices()[0].device_kind}, "
         f"{time.perf_counter() - t_all:.0f} s in all). Every number below comes from that run.",
         "",
-        f"**Model**: the shipped demo model (`pqjax/shapes/assets/demo_model`, trained by "
+        f"**Model**: the shipped demo model (`pqjax/demo/assets/demo_model`, trained by "
         f"`examples/train_demo_model.py`, {int(state.step)} steps): a FLUX transformer with D = "
         f"{cfg.flux.inner_dim}, {cfg.flux.num_layers} double + {cfg.flux.num_single_layers} single blocks, "
         f"{n_params / 1e6:.2f} M parameters, in pixel space (32x32 RGB, 2x2 space-to-depth, 64 image tokens) with a "

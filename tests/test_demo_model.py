@@ -15,14 +15,14 @@ from pqjax.calib import CalibBatch, calibrate
 from cli_helpers import fresh_seed as _fresh_seed, run_main
 from pqjax.models import flux
 from pqjax.pipeline import prepare_img_ids, prepare_txt_ids
-from pqjax.shapes import assets, shapeeval
-from pqjax.shapes import benchmark as B
-from pqjax.shapes import train_dit as td
+from pqjax.demo import assets, shapeeval
+from pqjax.demo import benchmark as B
+from pqjax.demo import model as td
 
 
 @pytest.fixture(scope="module")
 def state():
-    return assets.load_demo_model()
+    return assets.load_demo_model()  # a pqjax.demo.model.DemoModel
 
 
 @pytest.fixture(scope="module")

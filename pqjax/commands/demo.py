@@ -44,8 +44,8 @@ def _log(args, msg):
 def check_captions(captions: list[str]) -> None:
     """Raise CommandError naming the caption and word when a word is outside the demo model's vocabulary."""
     from pqjax.cli import CommandError
-    from pqjax.shapes import MAX_CAPTION_WORDS, Tokenizer
-    from pqjax.shapes.tokenizer import split_words
+    from pqjax.demo import MAX_CAPTION_WORDS, Tokenizer
+    from pqjax.demo.tokenizer import split_words
 
     vocab = Tokenizer().vocab
     if not captions:
@@ -66,9 +66,10 @@ def run(args) -> int:
 
     from pqjax.cli import CommandError
     from pqjax.formats import nbytes
-    from pqjax.shapes import assets, classifier, train_dit as td
+    from pqjax.demo import assets, classifier
+    from pqjax.demo import model as td
     from pqjax.evaluate import psnr, relative_error
-    from pqjax.shapes.benchmark import calib_batch, parse_variants, quantize_demo, write_grid
+    from pqjax.demo.benchmark import calib_batch, parse_variants, quantize_demo, write_grid
 
     try:
         variants = parse_variants(args.variants)

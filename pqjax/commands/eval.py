@@ -1,6 +1,6 @@
 """``pqjax eval FLOAT QUANT``: the quantized model against its float original on the same seeds and prompts.
 
-``pqjax eval --shapeeval [MODEL ...]``: GenEval-style accuracy (``pqjax.shapes.shapeeval``) of the shipped demo
+``pqjax eval --shapeeval [MODEL ...]``: GenEval-style accuracy (``pqjax.demo.shapeeval``) of the shipped demo
 model, float and each ``--variants`` quantization (and any MODEL: pqjax checkpoints of the demo transformer), with
 the final-latent error and PSNR of each against float.
 """
@@ -65,8 +65,8 @@ def run_shapeeval(args) -> int:
 
     from pqjax.io import CheckpointError, load_model
     from pqjax.cli import CommandError
-    from pqjax.shapes import assets, shapeeval
-    from pqjax.shapes import benchmark as B
+    from pqjax.demo import assets, shapeeval
+    from pqjax.demo import benchmark as B
 
     t0 = time.perf_counter()
     steps = 20 if args.steps is None else args.steps
