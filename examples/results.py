@@ -42,7 +42,8 @@ def grid_image(path, results, items, per_task: int):
         for k, v in short.items():
             name = name.replace(k, v)
         labels.append(name)
-    B.write_grid(path, [r.images[rows] for r in results], labels, scale=3)
+    B.write_grid(path, [r.images[rows] for r in results], labels, scale=3,
+                 row_labels=[items[i].caption for i in rows])
     return [items[i].caption for i in rows]
 
 

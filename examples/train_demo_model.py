@@ -76,7 +76,8 @@ def main(argv=None) -> int:
 
     refs, captions, _ = make_dataset(args.captions, seed=dt.HELDOUT_SEED)
     samples = [dm.generate(state.model, captions, seed=s, steps=args.sample_steps) for s in range(args.samples)]
-    write_grid(args.out / "samples.png", [refs] + samples, ["reference"] + [f"seed {s}" for s in range(args.samples)])
+    write_grid(args.out / "samples.png", [refs] + samples, ["reference"] + [f"seed {s}" for s in range(args.samples)],
+               row_labels=captions)
     (args.out / "samples.txt").write_text("".join(f"row {i}: {c}\n" for i, c in enumerate(captions)))
     print(f"wrote {model_dir}, {args.out / 'samples.png'} (rows: {', '.join(captions)})")
     if args.install:

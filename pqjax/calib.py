@@ -148,7 +148,7 @@ def calibrate(config: FluxConfig, params, calib_batch, *, taps: Sequence[str], n
         raise ValueError(f"calib_batch.latents must be [{batch}, {n_img}, {config.in_channels}] for a "
                          f"{b.height}x{b.width} image, got {tuple(latents.shape)}")
     observer = StatsObserver(tuple(taps), max(1, math.ceil(num_rows / steps)), int(seed))
-    with progress_mod.steps("pqjax calibrate", enabled=progress, log=log):
+    with progress_mod.steps("calibrate", enabled=progress, log=log):
         _, (stats, _) = jax.block_until_ready(sample(
             config, params, latents=latents, encoder_hidden_states=ctx, pooled_projections=pooled,
             num_inference_steps=steps, guidance_scale=b.guidance_scale,

@@ -124,7 +124,7 @@ def search_sites(params, stats, plan: LinearPlan, config: QuantConfig, *, smooth
     fmt, g = config.format, config.group
     reports, perms = [], {}
     active = plan.active_sites
-    for site in progress_bar(active, desc="pqjax search", unit="site", enabled=progress):
+    for site in progress_bar(active, desc="search", unit="site", enabled=progress):
         cons = [(c, inp) for c, inp in zip(site.consumers, site.inputs) if plan.modes[c] != "keep"]
         act_quant = any(plan.modes[c] == "w4a4" for c, _ in cons)
         xs = [stats[inp].rows for _, inp in cons]

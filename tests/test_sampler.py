@@ -276,7 +276,7 @@ def test_progress_callback(toy, caplog):
         jax.effects_barrier()
     assert sorted(calls) == [(i, 4) for i in range(1, 5)]
     # one summary line: the first step (which includes compiling the loop) apart from the steady-state rate
-    assert "pqjax sample: 4 steps, step 1 " in caplog.text and "(incl. compile), then " in caplog.text
+    assert "sample: 4 steps, step 1 " in caplog.text and "(incl. compile), then " in caplog.text
 
 
 def test_bad_inputs_raise_clear_errors(toy):

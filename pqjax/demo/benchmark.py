@@ -109,20 +109,35 @@ def markdown_table(results: list[VariantResult]) -> str:
     return "\n".join(lines)
 
 
-def write_grid(path, columns: list, labels: list[str], scale: int = 4):
-    """columns: list of uint8 ``[B, H, W, 3]`` arrays -> one PNG; rows = prompts, columns = models, labels on top."""
+def write_grid(path, columns: list, labels: list[str], scale: int = 4, *, row_labels: list[str] | None = None,
+               metadata: dict | None = None):
+    """columns: list of uint8 ``[B, H, W, 3]`` arrays -> one PNG; rows = prompts, columns = models. ``labels`` name
+    the columns (on top); ``row_labels`` (the captions) are written in a strip above each row; ``metadata``
+    becomes PNG text chunks. Written atomically."""
     from PIL import Image, ImageDraw
+    from PIL.PngImagePlugin import PngInfo
+
+    from pqjax.io.atomic import atomic_write
 
     columns = [np.asarray(c).repeat(scale, axis=1).repeat(scale, axis=2) for c in columns]
     b, h, w, _ = columns[0].shape
     pad, top = 4, 14
-    grid = np.full((top + b * (h + pad), len(columns) * (w + pad), 3), 255, np.uint8)
+    strip = 12 if row_labels is not None else 0
+    if row_labels is not None and len(row_labels) != b:
+        raise ValueError(f"write_grid: {len(row_labels)} row labels for {b} rows")
+    grid = np.full((top + b * (strip + h + pad), len(columns) * (w + pad), 3), 255, np.uint8)
     for j, col in enumerate(columns):
         for i in range(b):
-            y, x = top + i * (h + pad), j * (w + pad)
+            y, x = top + i * (strip + h + pad) + strip, j * (w + pad)
             grid[y:y + h, x:x + w] = col[i]
     im = Image.fromarray(grid)
     draw = ImageDraw.Draw(im)
     for j, label in enumerate(labels):
         draw.text((j * (w + pad) + 2, 1), label[: max(4, w // 6)], fill=(0, 0, 0))
-    im.save(path)
+    for i, caption in enumerate(row_labels or ()):
+        draw.text((2, top + i * (strip + h + pad)), caption[: grid.shape[1] // 6], fill=(60, 60, 60))
+    info = PngInfo()
+    for k, v in (metadata or {}).items():
+        info.add_text(str(k), str(v))
+    with atomic_write(path, overwrite=True) as tmp:
+        im.save(tmp, format="PNG", pnginfo=info)

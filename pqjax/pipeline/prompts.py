@@ -1,8 +1,9 @@
 """Prompts -> token ids (the pipeline folder's own tokenizers) and prompt embeddings that can be saved and reloaded.
 
-Tokenization is not reimplemented: :class:`Tokenizer` wraps the folder's tokenizer through ``transformers`` (exactly
-what diffusers' FluxPipeline runs) or, when transformers is not installed, through the ``tokenizers`` library from
-the folder's ``tokenizer.json`` (same Rust tokenizer, same truncation and padding).
+Tokenization is not reimplemented: :class:`Tokenizer` reads the folder's ``tokenizer.json`` with the ``tokenizers``
+library (the Rust tokenizer transformers' fast tokenizers wrap: the same ids, truncation and padding as diffusers'
+FluxPipeline) and falls back to ``transformers`` only for folders without one (e.g. a CLIP ``vocab.json`` +
+``merges.txt``). So prompt commands do not import transformers (nor its warning about a missing PyTorch).
 
 Like FluxPipeline, prompts are padded to a fixed length (CLIP: the tokenizer's ``model_max_length``, 77; T5:
 ``max_sequence_length``, 512 by default) and longer prompts are truncated with a :class:`PromptTruncatedWarning`
@@ -60,13 +61,15 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, folder, class_name: str | None = None, backend: str = "auto") -> "Tokenizer":
-        """Load with transformers (``class_name`` from model_index.json, else ``AutoTokenizer``) or, with
-        ``backend="tokenizers"`` or when transformers is missing, from ``tokenizer.json`` via ``tokenizers``."""
+        """Load ``tokenizer.json`` with ``tokenizers`` (``backend="auto"`` when the file exists, or
+        ``"tokenizers"``), else with transformers (``class_name`` from model_index.json, else ``AutoTokenizer``)."""
         folder = os.fspath(folder)
         if not os.path.isdir(folder):
             raise ValueError(f"{folder}: no such tokenizer folder")
         if backend not in ("auto", "transformers", "tokenizers"):
             raise ValueError(f"backend must be 'auto', 'transformers' or 'tokenizers', got {backend!r}")
+        if backend == "auto" and os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            backend = "tokenizers"
         if backend != "tokenizers":
             try:
                 import transformers

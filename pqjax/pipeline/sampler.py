@@ -211,5 +211,5 @@ def sample(config, params, *, latents, encoder_hidden_states, pooled_projections
     kw = dict(forward_fn=forward_fn, progress=progress, callback=callback, observer=observer)
     if not progress or progress_mod.active() is not None:  # no bar, or the caller's (e.g. pqjax sample's)
         return denoise(*args, **kw)
-    with progress_mod.steps("pqjax sample", log=log):
+    with progress_mod.steps("sample", log=log):
         return jax.block_until_ready(denoise(*args, **kw))
