@@ -34,7 +34,7 @@ Products:
 Rounding ties (read this before comparing bits): the formulas divide (``x / global``,
 ``amax / 6``, ``x' / s``, ``x / s``) and exact RNE ties are common (bf16 inputs carry 8
 significant bits, e4m3 scales 4).  The kernels evaluate every division correctly rounded (IEEE;
-``div.rn.f32`` on CUDA), i.e. DESIGN.md's formulas in IEEE float32.  XLA does not: its algebraic
+``div.rn.f32`` on CUDA), i.e. the formulas of :mod:`pqjax.formats.nvfp4` in IEEE float32.  XLA does not: its algebraic
 simplifier rewrites ``a / broadcast(b)`` into ``a * broadcast(1/b)`` and ``(a/b)/c`` into
 ``a/(b*c)`` (seen on CPU), and XLA:GPU emits the approximate ``div.full.f32`` for f32 division.
 So this reference (= ``pqjax.formats`` under XLA) breaks roughly 1 in 2000 nvfp4 activation

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from pqjax import __version__
+    from pqjax.version import __version__
     return __version__
 
 

@@ -22,7 +22,7 @@ class Rule(NamedTuple):
     on_indivisible: str = "skip"
 
 
-# DESIGN.md's defaults: modulation linears read one token per sample -> weight-only; embedders, norm_out and the
+# The defaults: modulation linears read one token per sample -> weight-only; embedders, norm_out and the
 # output projection stay in 16 bits; every other linear is W4A4.
 DEFAULT_RULES = (
     Rule(r"(transformer_blocks\.\d+\.norm1(_context)?|single_transformer_blocks\.\d+\.norm)\.linear", "w4a16"),

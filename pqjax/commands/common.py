@@ -167,7 +167,7 @@ def text_inputs(args, config, *, components: str | None, dtype=None, seed: int =
 def load_model(path: str, **kw):
     """:func:`pqjax.load_model`, its errors as one line."""
     from pqjax.io import CheckpointError
-    from pqjax.io import load_model as load
+    from pqjax.loading import load_model as load
     must_exist(path)
     try:
         return load(path, **kw)

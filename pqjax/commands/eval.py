@@ -88,7 +88,7 @@ def run_shapeeval(args) -> int:
     from pqjax.demo import assets, shapeeval
     from pqjax.demo import benchmark as B
     from pqjax.io import CheckpointError
-    from pqjax.io import load_model as load
+    from pqjax.loading import load_model as load
 
     t0 = time.perf_counter()
     steps = 20 if args.steps is None else args.steps

@@ -62,7 +62,7 @@ def _metadata(args, prompt: str | None, index: int, steps: int, method: str):
     """PNG text chunks: what produced the image (``PIL.Image.open(f).text``)."""
     from PIL.PngImagePlugin import PngInfo
 
-    from pqjax import __version__
+    from pqjax.version import __version__
     info = PngInfo()
     for k, v in {"prompt": prompt or "", "seed": args.seed, "image_index": index, "steps": steps,
                  "guidance": args.guidance, "size": f"{args.height}x{args.width}", "model": args.model,

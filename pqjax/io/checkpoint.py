@@ -88,7 +88,7 @@ class Checkpoint:
 def _versions() -> dict:
     import orbax.checkpoint as ocp
 
-    from pqjax import __version__
+    from pqjax.version import __version__
     return {"pqjax": __version__, "jax": jax.__version__, "orbax": getattr(ocp, "__version__", "?")}
 
 
@@ -187,7 +187,7 @@ def _read_manifest(path: str) -> dict:
     ver = m.get("format_version")
     if not isinstance(ver, int) or ver > FORMAT_VERSION:
         wrote = m.get("versions", {}).get("pqjax", "?")
-        from pqjax import __version__
+        from pqjax.version import __version__
         raise CheckpointError(f"{path}: written by pqjax {wrote} in checkpoint format version {ver}; this pqjax "
                               f"{__version__} reads versions <= {FORMAT_VERSION}: upgrade pqjax")
     if m.get("complete") is not True or "tree" not in m or "model_config" not in m:

@@ -39,7 +39,7 @@ module its ``mode`` (w4a4 / w4a16), ``fmt``, ``group_size``, logical ``shape`` `
 have no ``quantization_config`` and form a diffusers-compatible single file.
 
 This is the ``pqjax`` layout of a single file; another tool's layout (e.g. ModelOpt's NVFP4 names) would be a
-sibling module with its own save/load pair, recognised by its metadata in :func:`pqjax.io.load_model`.
+sibling module with its own save/load pair, recognised by its metadata in :func:`pqjax.load_model`.
 """
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def save_safetensors(path, params, config: FluxConfig, report=None, *, quant_con
     """Write float or quantized FLUX ``params`` to one safetensors file (names and metadata: module docstring).
 
     Atomic: written to ``PATH.partial-<random>`` and renamed. Returns the absolute path."""
-    from pqjax import __version__
+    from pqjax.version import __version__
 
     path = os.path.abspath(os.fspath(path))
     validate_params(config, params)

@@ -1,11 +1,14 @@
-"""``load_model``: a FLUX transformer from whatever a path holds -> :class:`~pqjax.io.Checkpoint`."""
+"""``pqjax.load_model``: a FLUX transformer from whatever a path holds -> :class:`pqjax.io.Checkpoint`.
+
+Above both :mod:`pqjax.io` (pqjax's own files) and ``converters`` (every other FLUX layout), which it dispatches to.
+"""
 from __future__ import annotations
 
 import os
 
 import jax.numpy as jnp
 
-import converters  # the float layouts; converters imports pqjax only below pqjax.io.model, so no cycle
+import converters
 from pqjax.io import checkpoint, single_file
 from pqjax.io.atomic import partials
 from pqjax.io.checkpoint import Checkpoint, Sharding
