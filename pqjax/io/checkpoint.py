@@ -38,7 +38,7 @@ from pqjax.config import QuantConfig
 from pqjax.io.atomic import atomic_write, partials
 from pqjax.io.errors import CheckpointError
 from pqjax.io.tree import abstract_tree, decode_tree, encode_tree, spec_formats, spec_nbytes
-from pqjax.io.validate import config_diff, validate_params
+from pqjax.io.validate import config_diff, report_and_config, validate_params
 from pqjax.models.flux import FluxConfig
 from pqjax.report import QuantReport
 
@@ -109,14 +109,7 @@ def save(path, params, config: FluxConfig, report=None, *, quant_config: QuantCo
     if not isinstance(config, FluxConfig):
         raise CheckpointError(f"config must be a pqjax.FluxConfig (the model config), got {type(config).__name__}")
     path = os.path.abspath(os.fspath(path))
-    try:
-        report_d = QuantReport.as_dict(report)
-    except TypeError as e:
-        raise CheckpointError(str(e)) from None
-    if quant_config is None and report_d is not None and "config" in report_d:
-        quant_config = QuantConfig.from_dict(report_d["config"])
-    if quant_config is not None and not isinstance(quant_config, QuantConfig):
-        raise CheckpointError(f"quant_config must be a pqjax.QuantConfig, got {type(quant_config).__name__}")
+    report_d, quant_config = report_and_config(report, quant_config)
     validate_params(config, params)
     arrays, spec = encode_tree(params)
     fmts = sorted(spec_formats(spec))

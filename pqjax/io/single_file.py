@@ -54,7 +54,7 @@ from pqjax.formats import ActQuant, QTensor
 from pqjax.io.checkpoint import Checkpoint
 from pqjax.io.errors import CheckpointError
 from pqjax.io.safetensors import SafetensorsFile, save_file
-from pqjax.io.validate import validate_params
+from pqjax.io.validate import report_and_config, validate_params
 from pqjax.models.flux import FluxConfig
 from pqjax.report import QuantReport
 
@@ -140,12 +140,7 @@ def save_safetensors(path, params, config: FluxConfig, report=None, *, quant_con
 
     path = os.path.abspath(os.fspath(path))
     validate_params(config, params)
-    try:
-        report_d = QuantReport.as_dict(report)
-    except TypeError as e:
-        raise CheckpointError(str(e)) from None
-    if quant_config is None and report_d is not None and "config" in report_d:
-        quant_config = QuantConfig.from_dict(report_d["config"])
+    report_d, quant_config = report_and_config(report, quant_config)
     tensors, layers = _flatten(params)
     fmts = sorted({m["fmt"] for m in layers.values()})
     meta = {"format": "pt", "pqjax_version": __version__, "pqjax_format_version": str(FORMAT_VERSION),

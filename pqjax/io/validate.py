@@ -1,11 +1,13 @@
 """Checks that what a file holds is the FLUX model it claims to be (shapes against the config's layout)."""
 from __future__ import annotations
 
+from pqjax.config import QuantConfig
 from pqjax.formats import QTensor
 from pqjax.io.errors import CheckpointError
 from pqjax.models.flux import FluxConfig, param_layout
+from pqjax.report import QuantReport
 
-__all__ = ["validate_params", "config_diff", "config_brief"]
+__all__ = ["validate_params", "report_and_config", "config_diff", "config_brief"]
 
 
 def _logical_shape(node) -> tuple | None:
@@ -48,6 +50,20 @@ def validate_params(config: FluxConfig, params, *, origin: str = "params") -> No
             parts.append(f"{len(wrong)} with other shapes (e.g. {wrong[:3]})")
         raise CheckpointError(f"{origin} do not match the model config ({config_brief(config)}): "
                               + "; ".join(parts))
+
+
+def report_and_config(report, quant_config: QuantConfig | None) -> tuple[dict | None, QuantConfig | None]:
+    """What a saved model records of its quantization: the report as a dict (a :class:`QuantReport` or its
+    ``to_dict()``) and the quantization config (``quant_config``, else the report's)."""
+    try:
+        report_d = QuantReport.as_dict(report)
+    except TypeError as e:
+        raise CheckpointError(str(e)) from None
+    if quant_config is None and report_d is not None and "config" in report_d:
+        quant_config = QuantConfig.from_dict(report_d["config"])
+    if quant_config is not None and not isinstance(quant_config, QuantConfig):
+        raise CheckpointError(f"quant_config must be a pqjax.QuantConfig, got {type(quant_config).__name__}")
+    return report_d, quant_config
 
 
 def config_brief(c: FluxConfig) -> str:
