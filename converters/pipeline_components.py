@@ -26,6 +26,7 @@ from pqjax.io.safetensors import FLOAT_DTYPES, SafetensorsFile
 from pqjax.models import clip, t5, vae
 from pqjax.models.common import is_shape
 from pqjax.models.flux import FluxConfig
+from pqjax.pipeline.prompts import Tokenizer
 from pqjax.pipeline.scheduler import FlowMatchConfig
 
 from . import diffusers_format
@@ -298,8 +299,6 @@ def load_flux_pipeline(path, dtype=jnp.bfloat16, *, vae_dtype=None,
     does) and ``dtype`` otherwise. ``components``: the subset of :data:`COMPONENTS` to open (default all), e.g.
     everything but ``"transformer"`` when the transformer comes from a pqjax checkpoint.
     """
-    from pqjax.pipeline.prompts import Tokenizer  # the pipeline package does not import converters: no cycle
-
     path = os.fspath(path)
     wanted = tuple(COMPONENTS if components is None else components)
     bad = sorted(set(wanted) - set(COMPONENTS))

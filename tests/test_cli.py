@@ -95,6 +95,7 @@ def test_quantize_methods(capsys, work, fmt, method):
     assert "pqjax quantize: calibrate: 2 steps, step 1 " in err and "pqjax quantize: searched " in err
     ck = pqjax.load(out_dir)
     assert ck.kind == fmt and ck.quant_config.method == method and ck.config == CFG
+    assert ck.quant_config.group_size == (16 if fmt == "nvfp4" else 64)     # the group used, not "default"
     assert ck.report.summary() in out
 
 
