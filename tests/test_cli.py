@@ -324,15 +324,16 @@ def test_new_user_walkthrough(tmp_path):
 
 
 def test_eval_with_a_vae_that_is_not_8x(capsys, work, tmp_path):
-    """A pipeline whose VAE downsamples 4x (3 blocks): eval samples and decodes at that factor (a 32x32 image is
-    8x8 latents, 16 packed tokens) and measures on the decoded 32x32 images."""
+    """A pipeline whose VAE downsamples 4x (3 blocks): quantize and eval take its sizes (40 px is a multiple of 8,
+    not of 16) and eval samples and decodes at that factor (a 40x32 image is 10x8 latents, 20 packed tokens),
+    measuring on the decoded 40x32 images."""
     for mod in ("torch", "transformers", "diffusers"):
         pytest.importorskip(mod)
     pipe = make_tiny_pipeline(tmp_path, vae_blocks=(8, 16, 32))
     with open(os.path.join(pipe, "vae", "config.json")) as f:
         assert len(json.load(f)["block_out_channels"]) == 3
     q = tmp_path / "q"
-    size = ["--height", "32", "--width", "32", "--steps", "1"]
+    size = ["--height", "40", "--width", "32", "--steps", "1"]
     rc, _, err = run_main(capsys, "quantize", work / "model", q, "--method", "rtn", "--embeddings",
                           work / "embeds.safetensors", "--components", pipe, *size, "--quiet")
     assert rc == 0, err
@@ -341,6 +342,6 @@ def test_eval_with_a_vae_that_is_not_8x(capsys, work, tmp_path):
                             "--json")
     assert rc == 0, err
     res = json.loads(out)
-    assert res["space"] == "image" and (res["height"], res["width"]) == (32, 32) and len(res["samples"]) == 2
+    assert res["space"] == "image" and (res["height"], res["width"]) == (40, 32) and len(res["samples"]) == 2
     assert all(0 < s["latent_rel_err"] < 1 and 0 < s["ssim"] <= 1 for s in res["samples"])
     assert json.loads((tmp_path / "e" / "eval.json").read_text()) == res

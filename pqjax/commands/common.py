@@ -105,18 +105,21 @@ def components_folder(components: str | None, model_path: str | None) -> str | N
     return model_path if is_pipeline_folder(model_path) else None
 
 
-def pipeline_settings(components: str | None, config):
-    """``(scheduler_config, vae_scale_factor)`` the pipeline folder samples with; without a folder FLUX.1-dev's
-    schedule (FLUX.1-schnell's for a model without guidance embedding) and FLUX's VAE factor 8."""
-    from pqjax.pipeline import FlowMatchConfig
+def pipeline_settings(components: str | None):
+    """``(scheduler_config or None, vae_scale_factor)`` the pipeline folder samples with (FLUX's VAE factor 8
+    without one); configs only, no weights are read."""
     if components is None:
-        return (FlowMatchConfig.flux_dev() if config.guidance_embeds else FlowMatchConfig.flux_schnell()), 8
+        return None, 8
     import converters
     parts = [c for c in ("vae", "scheduler") if os.path.isdir(os.path.join(components, c))]
     pipe = converters.load_flux_pipeline(components, components=parts)
-    sched = pipe.scheduler_config or (FlowMatchConfig.flux_dev() if config.guidance_embeds
-                                      else FlowMatchConfig.flux_schnell())
-    return sched, (pipe.vae.config.scale_factor if pipe.vae is not None else 8)
+    return pipe.scheduler_config, (pipe.vae.config.scale_factor if pipe.vae is not None else 8)
+
+
+def default_scheduler(config):
+    """Without a pipeline folder: FLUX.1-dev's schedule, FLUX.1-schnell's for a model without guidance embedding."""
+    from pqjax.pipeline import FlowMatchConfig
+    return FlowMatchConfig.flux_dev() if config.guidance_embeds else FlowMatchConfig.flux_schnell()
 
 
 def text_inputs(args, config, *, components: str | None, dtype=None, seed: int = 0):

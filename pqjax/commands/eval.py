@@ -166,7 +166,6 @@ def run(args) -> int:
     for path in (args.float, args.quant):
         must_exist(path)
     check_positive(steps, "--steps")
-    check_size(args.height, args.width)
     json_path, md_path = _outputs(args, "eval")
     components = components_folder(args.components, args.float)
     decode, sched, vae_factor = _pipeline_parts(components, args.height, args.width)

@@ -11,8 +11,8 @@ import logging
 import time
 
 from pqjax.commands import CommandError, options
-from pqjax.commands.common import (check_positive, check_size, components_folder, describe, human_bytes, load_model,
-                                   must_exist, pipeline_settings, read_rules, refuse_existing, text_inputs,
+from pqjax.commands.common import (check_positive, check_size, components_folder, default_scheduler, describe,
+                                   human_bytes, load_model, must_exist, pipeline_settings, read_rules, refuse_existing, text_inputs,
                                    write_output, write_text)
 
 log = logging.getLogger("pqjax.commands")
@@ -78,15 +78,15 @@ def run(args) -> int:
     qc = pqjax.QuantConfig(format=args.format, method=args.method, group_size=args.group_size, tau=args.tau,
                            calib_rows=args.calib_rows, calib_seed=args.seed, **kw)   # ValueError -> exit 1
     components = components_folder(args.components, args.src)
-    check_size(args.height, args.width)  # the VAE factor is checked again below, once the pipeline is read
+    scheduler, vae_factor = pipeline_settings(components)
+    check_size(args.height, args.width, vae_scale_factor=vae_factor)
 
     log.info("loading %s ...", args.src)
     ck = load_model(args.src, dtype=None if args.dtype is None else jnp.dtype(args.dtype))
     if ck.quantized:
         raise CommandError(f"{args.src} is already quantized ({ck.kind}); quantize its float original")
     config, params = ck.config, ck.params
-    scheduler, vae_factor = pipeline_settings(components, config)
-    check_size(args.height, args.width, vae_scale_factor=vae_factor)
+    scheduler = scheduler or default_scheduler(config)
     compute = jnp.asarray(params["x_embedder"]["kernel"]).dtype
     emb, _ = text_inputs(args, config, components=components, dtype=compute, seed=args.seed)
     batch = CalibBatch(encoder_hidden_states=emb.prompt_embeds, pooled_projections=emb.pooled_prompt_embeds,

@@ -84,7 +84,6 @@ def run(args) -> int:
         check_positive(args.steps, "--steps")
     if args.dtype == "float16":
         raise CommandError("--dtype float16: T5 overflows in float16; use bfloat16 or float32")
-    check_size(args.height, args.width)
     dtype = jnp.dtype(args.dtype)
 
     # -- what to load (configs now, weights lazily) --------------------------------------------------
@@ -110,9 +109,9 @@ def run(args) -> int:
         log.info("loaded %d prompt embeddings from %s", len(emb), args.embeddings)
     else:
         prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
-    paths = _output_paths(args.out, len(emb) if prompts is None else len(prompts), args.overwrite)
     pipe = converters.load_flux_pipeline(folder, dtype, components=wanted)
     check_size(args.height, args.width, vae_scale_factor=pipe.vae.config.scale_factor)
+    paths = _output_paths(args.out, len(emb) if prompts is None else len(prompts), args.overwrite)
 
     # -- prompts -> embeddings; the encoders are released before the transformer is read --------------
     if prompts is not None:
