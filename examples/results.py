@@ -78,7 +78,7 @@ def groups_per_row(state, groups: dict) -> str:
     ks = [int(get_path(params, p)["kernel"].shape[0]) for p, m in plan.modes.items() if m == "w4a4"]
     parts = []
     for fmt, group in groups.items():
-        g = formats.resolve_group(fmt, group)
+        g = formats.resolve_group(fmt.split()[0], group)  # fmt may be a label such as "int3 g32"
         parts.append(f"{fmt} {int(np.median([k // g for k in ks]))}")
     return (f"the demo model's {len(ks)} W4A4 linears have K = {min(ks)} .. {max(ks)} (median "
             f"{int(np.median(ks))}), i.e. a median of this many groups per row: " + ", ".join(parts))

@@ -210,12 +210,13 @@ def test_results_script_writes_the_table(tmp_path):
     spec = importlib.util.spec_from_file_location("pqjax_results_script", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main(["--per-task", "1", "--steps", "3", "--calib", "4", "--formats", "int3", "--small-group", "0",
+    assert mod.main(["--per-task", "1", "--steps", "3", "--calib", "4", "--formats", "int3", "--small-group", "32",
                      "--methods", "rtn,hadamard,permuquant,permuquant-h", "--out", str(tmp_path)]) == 0
     md = (tmp_path / "RESULTS.md").read_text()
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["float", "int3 RTN", "int3 Hadamard", "int3 PermuQuant",
-                                         "int3 PermuQuant-H"]
+                                         "int3 PermuQuant-H", "int3 g32 RTN", "int3 g32 Hadamard",
+                                         "int3 g32 PermuQuant", "int3 g32 PermuQuant-H"]
     for r in rows[1:]:
         assert f"| {r['name']} |" in md and f"{r['latent_rel_err']:.4f}" in md
     assert "int3, PermuQuant vs RTN:" in md and "int3, PermuQuant-H vs Hadamard:" in md
