@@ -71,13 +71,13 @@ def _on_nvidia_gpu() -> bool:
 
 
 def _operands(m, k, n, fmt, group, seed=0):
-    from pqjax.formats import quantize
+    from pqjax.formats import NVFP4_RANGE, quantize
 
     kx, kw = jax.random.split(jax.random.key(seed))
     x = jax.random.normal(kx, (m, k), jnp.bfloat16)
     w_f = (jax.random.normal(kw, (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
     w = jax.jit(lambda w: quantize(w, fmt, axis=0, group_size=group))(w_f)
-    gx = jnp.float32(float(jnp.max(jnp.abs(x.astype(jnp.float32)))) / (6 * 448))
+    gx = jnp.float32(float(jnp.max(jnp.abs(x.astype(jnp.float32)))) / NVFP4_RANGE)
     return x, w_f, w, gx
 
 

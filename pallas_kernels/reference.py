@@ -34,7 +34,7 @@ Products:
 Rounding ties (read this before comparing bits): the formulas divide (``x / global``,
 ``amax / 6``, ``x' / s``, ``x / s``) and exact RNE ties are common (bf16 inputs carry 8
 significant bits, e4m3 scales 4).  The kernels evaluate every division correctly rounded (IEEE;
-``div.rn.f32`` on CUDA), i.e. DESIGN.md's formulas in IEEE float32.  XLA does not: its algebraic
+``div.rn.f32`` on CUDA), i.e. the formulas of :mod:`pqjax.formats.nvfp4` in IEEE float32.  XLA does not: its algebraic
 simplifier rewrites ``a / broadcast(b)`` into ``a * broadcast(1/b)`` and ``(a/b)/c`` into
 ``a/(b*c)`` (seen on CPU), and XLA:GPU emits the approximate ``div.full.f32`` for f32 division.
 So this reference (= ``pqjax.formats`` under XLA) breaks roughly 1 in 2000 nvfp4 activation
@@ -54,6 +54,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pqjax.formats import (
+    block_hadamard,
     e2m1_decode,
     int_group_quant,
     nvfp4_block_quant,
@@ -61,7 +62,7 @@ from pqjax.formats import (
     unpack_4bit,
 )
 
-from ._common import check_args, hadamard_block, hadamard_matrix
+from ._common import check_args, hadamard_block
 
 __all__ = ["w4a4_matmul", "w4a16_matmul", "hadamard_rotate", "dequantize_weight_parts"]
 
@@ -71,11 +72,7 @@ _NT = (((1,), (1,)), ((), ()))  # contract the last dim of [M, K] with the last 
 
 def hadamard_rotate(x, block: int):
     """``x[..., K]`` -> float32 ``x`` rotated per ``block`` by ``H_pm1 / sqrt(block)`` (see module doc)."""
-    k = x.shape[-1]
-    h = jnp.asarray(hadamard_matrix(block))
-    xg = x.astype(jnp.float32).reshape(*x.shape[:-1], k // block, block)
-    y = jnp.einsum("...gi,ij->...gj", xg, h, precision=_HI, preferred_element_type=jnp.float32)
-    return (y * jnp.float32(1.0 / float(block) ** 0.5)).reshape(x.shape)
+    return block_hadamard(x.astype(jnp.float32), block)
 
 
 def _weight_codes(w):

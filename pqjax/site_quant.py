@@ -40,8 +40,9 @@ import numpy as np
 from pqjax import formats
 from pqjax.gptq import DEFAULT_BLOCK, DEFAULT_DAMP, gptq_quantize
 from pqjax.gptq import hessian as xtx
-from pqjax.models.layers import ActQuant, dense
-from pqjax.permute import DEFAULT_ALPHA_GRID, block_hadamard, group_size_of, search_site
+from pqjax.formats import ActQuant, block_hadamard, resolve_group
+from pqjax.models.layers import dense
+from pqjax.permute import DEFAULT_ALPHA_GRID, search_site
 
 __all__ = ["SITE_METHODS", "SiteQuantConfig", "SiteQuant", "SiteQuantReport", "quantize_site", "site_output_error"]
 
@@ -85,7 +86,7 @@ class SiteQuantConfig:
             raise ValueError(f"unknown format {self.format!r}; expected one of {formats.FORMATS}")
         if self.method not in SITE_METHODS:
             raise ValueError(f"unknown site method {self.method!r}; expected one of {SITE_METHODS}")
-        group_size_of(self.format, self.group_size)
+        resolve_group(self.format, self.group_size)
         if self.format == "nvfp4" and self.group_size not in (None, formats.NVFP4_BLOCK):
             raise ValueError(f"nvfp4 uses blocks of {formats.NVFP4_BLOCK}; group_size={self.group_size} is invalid")
         if self.format != "nvfp4" and self.group_size not in (None, *formats.INT_GROUP_SIZES):
@@ -99,7 +100,7 @@ class SiteQuantConfig:
 
     @property
     def group(self) -> int:
-        return group_size_of(self.format, self.group_size)
+        return resolve_group(self.format, self.group_size)
 
     def options(self) -> tuple[str, ...]:
         """The weight-rounding options that are on, in label order (e.g. ``("gptq", "4/6")``)."""

@@ -28,7 +28,7 @@ from safetensors.numpy import save_file  # noqa: E402
 
 import converters  # noqa: E402
 from converters import ConversionError, diffusers_to_bfl, load_flux, state_dict_layout  # noqa: E402
-from converters.safetensors_io import READ_STATS, SafetensorsFile  # noqa: E402
+from pqjax.io.safetensors import READ_STATS, SafetensorsFile  # noqa: E402
 from pqjax.models import flux  # noqa: E402
 
 from tolerances import flux_depth, flux_k, fp32_bound  # noqa: E402

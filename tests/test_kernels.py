@@ -3,7 +3,7 @@
 One shared test body runs every implementation (tokamax style).  Three numbers per case:
 
 * ``kernel`` (Pallas, interpret mode, under ``jax.jit``) against ``ieee``: a numpy model of the
-  DESIGN.md formulas in IEEE float32 (true divisions, ml_dtypes casts) with a float64 product of
+  pqjax.formats.nvfp4 formulas in IEEE float32 (true divisions, ml_dtypes casts) with a float64 product of
   the dequantized operands.  Must agree to fp32 accumulation order (no code may differ).
 * ``reference`` (XLA, = pqjax.formats) against ``ieee``: XLA rewrites ``a / broadcast(b)`` into
   ``a * (1/b)`` and ``(a/b)/c`` into ``a/(b*c)``, so the reference may break an exact rounding
@@ -43,7 +43,7 @@ def _rng(*salt):
 # IEEE model
 # --------------------------------------------------------------------------------------------
 def ieee_act(x, w, *, gx=None, hadamard=False):
-    """Activation dequantized like DESIGN.md, numpy IEEE float32, returned as float64 (incl. gx)."""
+    """Activation dequantized like pqjax.formats.nvfp4, numpy IEEE float32, returned as float64 (incl. gx)."""
     x = np.asarray(jnp.asarray(x).astype(jnp.float32))
     m, k = x.shape
     if hadamard:  # the rotated values XLA computes (f32 sums of exact products)

@@ -4,6 +4,8 @@ Every reference is diffusers itself (torch CPU, fp32): ``FlowMatchEulerDiscreteS
 way ``FluxPipeline`` drives it, ``FluxPipeline``'s static packing helpers, and a whole tiny random
 ``FluxPipeline`` built offline, run with the same latents and prompt embeddings as ``sample``.
 """
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -260,7 +262,7 @@ def test_loop_bf16_and_no_retrace(toy):
     assert len(TRACES) == n_traces  # schedule, guidance and positions are array inputs: no retrace
 
 
-def test_progress_callback(toy, capsys):
+def test_progress_callback(toy, caplog):
     p, cfg = toy
     calls = []
 
@@ -268,13 +270,16 @@ def test_progress_callback(toy, capsys):
         calls.append((step, num_steps))
 
     lat = np.zeros((1, 4, 16), np.float32)
-    out = sample(cfg(False), jax.tree.map(jnp.asarray, p), latents=lat, encoder_hidden_states=np.ones((1, 2, 8), np.float32),
-                 pooled_projections=np.ones((1, 8), np.float32), num_inference_steps=4, forward_fn=toy_forward,
-                 height=32, width=32, progress=True, callback=cb, scheduler_config=FlowMatchConfig.flux_schnell())
-    jax.block_until_ready(out)
-    jax.effects_barrier()
+    with caplog.at_level(logging.INFO, logger="pqjax"):
+        out = sample(cfg(False), jax.tree.map(jnp.asarray, p), latents=lat,
+                     encoder_hidden_states=np.ones((1, 2, 8), np.float32),
+                     pooled_projections=np.ones((1, 8), np.float32), num_inference_steps=4, forward_fn=toy_forward,
+                     height=32, width=32, progress=True, callback=cb, scheduler_config=FlowMatchConfig.flux_schnell())
+        jax.block_until_ready(out)
+        jax.effects_barrier()
     assert sorted(calls) == [(i, 4) for i in range(1, 5)]
-    assert "step 4/4" in capsys.readouterr().err
+    # one summary line: the first step (which includes compiling the loop) apart from the steady-state rate
+    assert "sample: 4 steps, step 1 " in caplog.text and "(incl. compile), then " in caplog.text
 
 
 def test_bad_inputs_raise_clear_errors(toy):

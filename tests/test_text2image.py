@@ -255,13 +255,16 @@ def test_cli_sample_writes_the_pipeline_images(tiny, tmp_path, capsys):
                    "--batch-size", "2", "--save-embeddings", str(tmp_path / "emb.safetensors"), *flags])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert "3/3 steps" in err and "[" + "#" * 30 + "]" in err  # the progress bar
+    assert "pqjax sample: image 1-2/2: 3 steps, step 1 " in err  # progress: one summary line per batch
     written = sorted(p.name for p in (tmp_path / "imgs").iterdir())
     assert written == ["0000.png", "0001.png"] and out.split() == [str(tmp_path / "imgs" / n) for n in written]
     from PIL import Image
     expected = to_pil(text_to_image(load_flux_pipeline(path, jnp.float32), PROMPTS, seed=0, **RUN))
-    for name, exp in zip(written, expected):
-        assert_same_png(Image.open(tmp_path / "imgs" / name), exp)
+    for name, exp, prompt in zip(written, expected, PROMPTS):
+        png = Image.open(tmp_path / "imgs" / name)
+        assert_same_png(png, exp)
+        assert png.text["prompt"] == prompt and png.text["steps"] == "3" and png.text["seed"] == "0"
+        assert png.text["model"] == path and png.text["method"] == "float" and png.text["size"] == "64x96"
     # the saved embeddings reproduce image 1 alone (index-derived seed), without the text encoders
     rc = cli.main(["sample", path, "--embeddings", str(tmp_path / "emb.safetensors"), "--out", str(tmp_path / "e"),
                    "--quiet", *flags])
@@ -275,7 +278,7 @@ def test_cli_sample_errors(tiny, tmp_path, capsys):
     cases = [
         (["sample", path, "--prompt", "a cat", "--height", "50", "--width", "64", "--out", "x.png"],
          "height=50 is not divisible by 16"),
-        (["sample", str(tmp_path / "nope"), "--prompt", "a cat", "--out", "x.png"], "no such file or folder"),
+        (["sample", str(tmp_path / "nope"), "--prompt", "a cat", "--out", "x.png"], "no such file or directory"),
         (["sample", f"{path}/vae", "--prompt", "a cat", "--out", "x.png"], "--components"),
         (["sample", path, "--prompts", str(tmp_path / "missing.txt"), "--out", "x"], "cannot read prompts file"),
         (["sample", path, "--embeddings", f"{path}/vae/diffusion_pytorch_model.safetensors", "--out", "x"],
@@ -294,7 +297,7 @@ def test_cli_sample_errors(tiny, tmp_path, capsys):
 
 def test_cli_sample_pqjax_checkpoint(tiny, tmp_path, capsys):
     """MODEL = a pqjax checkpoint of the transformer + --components (the pipeline folder for the rest)."""
-    checkpoint = pytest.importorskip("pqjax.checkpoint")
+    from pqjax.io import checkpoint
     _, path = tiny
     config, params = converters.load_flux(f"{path}/transformer", jnp.float32)
     checkpoint.save(tmp_path / "ckpt", params, config)

@@ -263,3 +263,23 @@ def test_encoders_reject_bad_ids():
         t5.T5EncoderConfig(feed_forward_proj="gated-gelu-x")
     with pytest.raises(ValueError, match="unsupported hidden_act"):
         clip.CLIPTextConfig(hidden_act="mish")
+
+
+def test_tokenizer_json_is_read_without_transformers(tokenizer_folders):
+    """A folder with tokenizer.json is read by ``tokenizers`` alone: transformers is never imported (and so cannot
+    print its missing-PyTorch warning), and the ids are FluxPipeline's."""
+    import subprocess
+    import sys
+    ref_tok, folder = tokenizer_folders["t5"]
+    assert os.path.isfile(os.path.join(folder, "tokenizer.json"))
+    assert Tokenizer.from_folder(folder).kind == "tokenizers"
+    code = ("import sys; from pqjax.pipeline import Tokenizer; "
+            f"t = Tokenizer.from_folder({folder!r}); ids = t(['a photo of a cat'], 24); "
+            "print(t.kind, 'transformers' in sys.modules, ids.tolist())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0, r.stderr
+    kind, imported, ids = r.stdout.split(" ", 2)
+    assert kind == "tokenizers" and imported == "False"
+    ref = ref_tok(["a photo of a cat"], padding="max_length", max_length=24, truncation=True).input_ids
+    assert ids.strip() == str(ref)

@@ -62,7 +62,7 @@ import numpy as np
 from jax import lax
 
 __all__ = [
-    "E2M1_MAX", "E4M3_MAX", "NVFP4_BLOCK", "e2m1_encode", "e2m1_decode",
+    "E2M1_MAX", "E4M3_MAX", "NVFP4_BLOCK", "NVFP4_RANGE", "e2m1_encode", "e2m1_decode",
     "div_by_scale", "nvfp4_global_scale", "nvfp4_block_quant", "nvfp4_block_dequant", "nvfp4_encode",
     "E4M3_MAX_FOUR_OVER_SIX",
 ]
@@ -70,8 +70,9 @@ __all__ = [
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 NVFP4_BLOCK = 16
+NVFP4_RANGE = E2M1_MAX * E4M3_MAX   # 2688: the global scale maps amax to it (global = amax / NVFP4_RANGE)
 _INV_6 = np.float32(1) / np.float32(E2M1_MAX)                 # = f32(1/6), what XLA folds "/ 6" into
-_INV_2688 = np.float32(1) / np.float32(E2M1_MAX * E4M3_MAX)   # = f32(1/2688)
+_INV_2688 = np.float32(1) / np.float32(NVFP4_RANGE)           # = f32(1/2688)
 E4M3_MAX_FOUR_OVER_SIX = 256.0                                 # 4/6's largest 6-candidate scale (paper)
 _INV_1536 = np.float32(1) / np.float32(E2M1_MAX * E4M3_MAX_FOUR_OVER_SIX)  # = f32(1/1536)
 _INV_4 = np.float32(0.25)                                      # maps the block amax to 4 (exact)

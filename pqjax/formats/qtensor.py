@@ -14,11 +14,28 @@ from .intq import INT_GROUP_SIZES, INT_SCALE_DTYPES, int_clip_search, int_group_
 from .nvfp4 import NVFP4_BLOCK, nvfp4_block_dequant, nvfp4_block_quant, nvfp4_global_scale
 from .packing import pack_3bit, pack_4bit, unpack_3bit, unpack_4bit
 
-__all__ = ["FORMATS", "FORMAT_BITS", "QTensor", "quantize", "fake_quant", "nbytes"]
+__all__ = ["FORMATS", "FORMAT_BITS", "DEFAULT_INT_GROUP", "resolve_group", "QTensor", "quantize", "fake_quant",
+           "nbytes"]
 
 FORMATS = ("nvfp4", "int4", "int3")
 FORMAT_BITS = {"nvfp4": 4, "int4": 4, "int3": 3}
 DEFAULT_INT_GROUP = 64
+
+
+def resolve_group(fmt: str, group_size: int | None = None) -> int:
+    """The block/group size along K of ``fmt``: 16 for nvfp4 (fixed), ``group_size`` (default 64) for INT formats.
+
+    The one place that decides it; ValueError for an unknown format or a size the format does not take."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    if fmt == "nvfp4":
+        if group_size not in (None, NVFP4_BLOCK):
+            raise ValueError(f"nvfp4 uses a fixed block size of {NVFP4_BLOCK}, got group_size={group_size}")
+        return NVFP4_BLOCK
+    group_size = DEFAULT_INT_GROUP if group_size is None else group_size
+    if group_size not in INT_GROUP_SIZES:
+        raise ValueError(f"{fmt} group_size must be one of {INT_GROUP_SIZES}, got {group_size}")
+    return int(group_size)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -130,8 +147,7 @@ def nbytes(tree) -> int:
 
 # ---- quantize ---------------------------------------------------------------------------------
 def _check_args(x, fmt, group_size, global_scale, axis, scale_dtype, four_over_six=False, clip_grid=None):
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown quantization format {fmt!r}; expected one of {FORMATS}")
+    group_size = resolve_group(fmt, group_size)
     if four_over_six and fmt != "nvfp4":
         raise ValueError(f"four_over_six applies to nvfp4 only, not {fmt}")
     if clip_grid is not None and fmt == "nvfp4":
@@ -144,18 +160,12 @@ def _check_args(x, fmt, group_size, global_scale, axis, scale_dtype, four_over_s
         raise ValueError(f"axis={axis} out of range for shape {tuple(x.shape)}")
     axis = axis % x.ndim
     if fmt == "nvfp4":
-        if group_size not in (None, NVFP4_BLOCK):
-            raise ValueError(f"nvfp4 uses a fixed block size of {NVFP4_BLOCK}, got group_size={group_size}")
-        group_size = NVFP4_BLOCK
         if scale_dtype is not None and jnp.dtype(scale_dtype) != jnp.dtype(jnp.float8_e4m3fn):
             raise ValueError(f"nvfp4 scales are float8_e4m3fn, got scale_dtype={scale_dtype}")
         scale_dtype = jnp.dtype(jnp.float8_e4m3fn)
         if global_scale is not None and jnp.ndim(global_scale) != 0:
             raise ValueError(f"nvfp4 global_scale must be a scalar, got shape {jnp.shape(global_scale)}")
     else:
-        group_size = DEFAULT_INT_GROUP if group_size is None else group_size
-        if group_size not in INT_GROUP_SIZES:
-            raise ValueError(f"{fmt} group_size must be one of {INT_GROUP_SIZES}, got {group_size}")
         if global_scale is not None:
             raise ValueError(f"global_scale applies to nvfp4 only, not {fmt}")
         scale_dtype = jnp.dtype(jnp.bfloat16 if scale_dtype is None else scale_dtype)
@@ -202,7 +212,7 @@ def quantize(x, fmt, *, group_size=None, global_scale=None, axis=-1, scale_dtype
              clip_grid=None) -> QTensor:
     """Quantize ``x`` to ``fmt`` in blocks/groups along ``axis``; returns a packed :class:`QTensor`.
 
-    ``fmt``: "nvfp4" (group 16 fixed, e4m3 scales, fp32 ``global_scale`` = amax/(6*448) of the
+    ``fmt``: "nvfp4" (group 16 fixed, e4m3 scales, fp32 ``global_scale`` = amax / NVFP4_RANGE of the
     finite entries unless given), "int4" / "int3" (``group_size`` in (32, 64, 128), default 64;
     ``scale_dtype`` bfloat16 (default), float16 or float32; no global scale).
     ``four_over_six`` (nvfp4): Four Over Six block scales (default global amax/(6*256)), see

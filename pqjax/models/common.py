@@ -1,5 +1,5 @@
 """Pieces shared by the FLUX pipeline's other models (CLIP, T5, VAE): Hugging Face activation names, affine
-LayerNorm, embedding lookup, random init from a shape layout.
+LayerNorm, embedding lookup, and shape layouts (``is_shape``, random init from a layout).
 
 The generic linear / norm / attention helpers live in :mod:`pqjax.models.layers` (its ``attention`` takes CLIP's
 causal mask as ``is_causal``, T5's relative position bias as ``bias`` and T5's unscaled logits as ``scale=1.0``).

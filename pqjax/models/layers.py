@@ -1,12 +1,11 @@
 """Shared building blocks for the functional models: linear (float or quantized), norms, RoPE, embeddings.
 
 A linear's params are ``{"kernel": [in, out], "bias": [out]}``. After ``pqjax.quantize`` the kernel is a packed
-``pqjax.formats.QTensor``; the presence of ``"act_quant"`` (an :class:`ActQuant`) makes the layer W4A4, its absence
-with a quantized kernel makes it weight-only W4A16. Both run through ``pallas_kernels``' dispatcher.
+``pqjax.formats.QTensor``; the presence of ``"act_quant"`` (a :class:`pqjax.formats.ActQuant`) makes the layer
+W4A4, its absence with a quantized kernel makes it weight-only W4A16. Both run through ``pallas_kernels``' dispatcher.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Callable, Optional
@@ -15,23 +14,6 @@ import jax
 import jax.numpy as jnp
 
 Tap = Optional[Callable[[str, jax.Array], None]]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class ActQuant:
-    """Activation quantization of a W4A4 linear: the format comes from the weight's QTensor.
-
-    ``global_scale`` is NVFP4's static fp32 per-tensor activation scale (from calibration; ignored for INT, whose
-    scales are dynamic per token per group). ``hadamard`` rotates the activation by the block-diagonal Hadamard of the
-    group size inside the quantize step (PermuQuant-H / rotation baselines; the weight was rotated offline).
-    ``smooth`` (SmoothQuant) is a per-input-channel factor applied to the activation before it is quantized (the
-    weight rows carry the inverse); XLA fuses the multiply into the producer.
-    """
-
-    global_scale: jax.Array
-    smooth: Optional[jax.Array] = None
-    hadamard: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 def is_quantized(kernel) -> bool:
