@@ -14,10 +14,10 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
+from pqjax.io.safetensors import FLOAT_DTYPES, SafetensorsFile
 from pqjax.models.flux import FluxConfig, param_layout
 
 from .errors import ConversionError, key_list
-from .safetensors_io import SafetensorsFile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +139,7 @@ def materialize(config: FluxConfig, plan: Sequence[Spec], files: Mapping[str, tu
     wrong = []
     for s in plan:
         f, k = files[s.key]
-        f.check_dtype(k)
+        f.check_dtype(k, FLOAT_DTYPES)
         exp = _source_shape(s, layout)
         got = f.info(k).shape
         if got != exp:

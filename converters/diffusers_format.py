@@ -8,15 +8,20 @@ from __future__ import annotations
 import json
 import os
 
+from pqjax.io.safetensors import SafetensorsFile
 from pqjax.models.flux import FluxConfig
 
 from .core import Spec, infer_config, make_config, state_dict_layout
 from .errors import ConversionError
-from .safetensors_io import SafetensorsFile
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 EXPECTED_CLASS = "FluxTransformer2DModel"
+
+
+def open_safetensors(path: str) -> SafetensorsFile:
+    """The header of one safetensors file; a bad file raises :class:`ConversionError` naming it."""
+    return SafetensorsFile(path, error=ConversionError)
 
 
 def plan(config: FluxConfig) -> list[Spec]:
@@ -61,16 +66,16 @@ def open_weights(folder: str) -> dict[str, tuple[SafetensorsFile, str]]:
     index = os.path.join(folder, INDEX_NAME)
     single = os.path.join(folder, WEIGHTS_NAME)
     if os.path.isfile(index):
-        return _open_index(folder, index)
+        return open_index(folder, index)
     if os.path.isfile(single):
-        f = SafetensorsFile(single)
+        f = open_safetensors(single)
         return {k: (f, k) for k in f.keys()}
     bins = [n for n in sorted(os.listdir(folder)) if n.endswith(".bin")]
     hint = f" (found {bins}: only .safetensors weights are supported)" if bins else ""
     raise ConversionError(f"{folder}: no weights: expected {WEIGHTS_NAME} or {INDEX_NAME}{hint}")
 
 
-def _open_index(folder: str, index: str) -> dict[str, tuple[SafetensorsFile, str]]:
+def open_index(folder: str, index: str) -> dict[str, tuple[SafetensorsFile, str]]:
     try:
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
@@ -83,7 +88,7 @@ def _open_index(folder: str, index: str) -> dict[str, tuple[SafetensorsFile, str
         p = os.path.join(folder, name)
         if not os.path.isfile(p):
             raise ConversionError(f"{index}: shard {name!r} named in the index does not exist in {folder}")
-        shards[name] = SafetensorsFile(p)
+        shards[name] = open_safetensors(p)
     out: dict[str, tuple[SafetensorsFile, str]] = {}
     for key, name in weight_map.items():
         if key not in shards[name]:

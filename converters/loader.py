@@ -11,7 +11,6 @@ from pqjax.models.flux import FluxConfig
 from . import bfl, diffusers_format
 from .core import check_overrides, materialize
 from .errors import ConversionError
-from .safetensors_io import SafetensorsFile
 
 
 def load_flux(path, dtype=jnp.bfloat16, *, config_overrides: Mapping[str, Any] | None = None
@@ -44,7 +43,7 @@ _OTHER_FORMATS = (".ckpt", ".pt", ".pth", ".bin", ".gguf")
 def _load_single_file(path: str, dtype, overrides):
     if path.lower().endswith(_OTHER_FORMATS):
         raise ConversionError(f"{path}: only .safetensors checkpoints are supported (pickle/GGUF files are not read)")
-    f = SafetensorsFile(path)
+    f = diffusers_format.open_safetensors(path)
     names = bfl.strip_prefix(f.keys())
     if bfl.is_bfl_keys(names):
         shapes = {k: f.info(orig).shape for k, orig in names.items()}

@@ -22,15 +22,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pqjax.io.safetensors import FLOAT_DTYPES, SafetensorsFile
 from pqjax.models import clip, t5, vae
 from pqjax.models.common import is_shape
 from pqjax.models.flux import FluxConfig
+from pqjax.pipeline.prompts import Tokenizer
 from pqjax.pipeline.scheduler import FlowMatchConfig
 
 from . import diffusers_format
 from .errors import ConversionError, key_list
 from .loader import load_flux
-from .safetensors_io import SafetensorsFile
 
 __all__ = ["load_flux_pipeline", "FluxPipelineComponents", "LazyComponent", "COMPONENTS",
            "load_clip_text_encoder", "load_t5_encoder", "load_vae"]
@@ -95,7 +96,7 @@ class _Plan:
         wrong = []
         for leaf in self.leaves:
             f, k = files[leaf.source]
-            f.check_dtype(k)
+            f.check_dtype(k, FLOAT_DTYPES)
             if f.info(k).shape != leaf.torch_shape:
                 wrong.append(f"{f.path}: tensor {k!r} has shape {f.info(k).shape}, expected {leaf.torch_shape}")
         if wrong:
@@ -152,9 +153,9 @@ def _transformers_weights(folder: str) -> dict[str, tuple[SafetensorsFile, str]]
     index = os.path.join(folder, _TRANSFORMERS_WEIGHTS + ".index.json")
     single = os.path.join(folder, _TRANSFORMERS_WEIGHTS)
     if os.path.isfile(index):
-        return diffusers_format._open_index(folder, index)
+        return diffusers_format.open_index(folder, index)
     if os.path.isfile(single):
-        f = SafetensorsFile(single)
+        f = diffusers_format.open_safetensors(single)
         return {k: (f, k) for k in f.keys()}
     bins = [n for n in sorted(os.listdir(folder)) if n.endswith(".bin")]
     hint = f" (found {bins}: only .safetensors weights are supported)" if bins else ""
@@ -298,8 +299,6 @@ def load_flux_pipeline(path, dtype=jnp.bfloat16, *, vae_dtype=None,
     does) and ``dtype`` otherwise. ``components``: the subset of :data:`COMPONENTS` to open (default all), e.g.
     everything but ``"transformer"`` when the transformer comes from a pqjax checkpoint.
     """
-    from pqjax.pipeline.prompts import Tokenizer  # the pipeline package does not import converters: no cycle
-
     path = os.fspath(path)
     wanted = tuple(COMPONENTS if components is None else components)
     bad = sorted(set(wanted) - set(COMPONENTS))

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import numpy as np
 
+from pqjax.io.atomic import atomic_write
+from pqjax.io.safetensors import save_file
 from pqjax.models.flux import FluxConfig
 
 from .core import state_dict_layout
@@ -37,21 +38,19 @@ def save_diffusers(folder, config: FluxConfig, params, *, max_shard_bytes: int |
                    dtype=np.float32) -> None:
     """Write ``folder/config.json`` and the weights (one file, or shards + index when ``max_shard_bytes`` is set).
 
-    Files are written to a temporary folder and renamed into place, so a crash leaves no half-written model.
+    Atomic (:func:`pqjax.io.atomic.atomic_write`): a crash leaves no half-written model; an existing ``folder``
+    raises :class:`FileExistsError`.
     """
-    from safetensors.numpy import save_file
-
     folder = os.fspath(folder)
     sd = {k: v.astype(dtype) for k, v in to_state_dict(config, params).items()}
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".pqjax-write-", dir=parent)
-    cfg = {"_class_name": "FluxTransformer2DModel", **config.to_dict()}
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    if max_shard_bytes is None:
-        save_file(sd, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
-    else:
+    if os.path.exists(folder):
+        raise FileExistsError(f"{folder} already exists; refusing to overwrite")
+    with atomic_write(folder, directory=True) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({"_class_name": "FluxTransformer2DModel", **config.to_dict()}, f, indent=2)
+        if max_shard_bytes is None:
+            save_file(os.path.join(tmp, WEIGHTS), sd, {"format": "pt"})
+            return
         shards, cur, size = [], {}, 0
         for k, v in sd.items():
             if cur and size + v.nbytes > max_shard_bytes:
@@ -63,11 +62,8 @@ def save_diffusers(folder, config: FluxConfig, params, *, max_shard_bytes: int |
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+            save_file(os.path.join(tmp, name), shard, {"format": "pt"})
             weight_map.update({k: name for k in shard})
         with open(os.path.join(tmp, INDEX), "w") as f:
             json.dump({"metadata": {"total_size": sum(v.nbytes for v in sd.values())}, "weight_map": weight_map}, f,
                       indent=2)
-    if os.path.exists(folder):
-        raise FileExistsError(f"{folder} already exists; refusing to overwrite")
-    os.rename(tmp, folder)

@@ -5,7 +5,7 @@
 
 For float, RTN, SmoothQuant, Hadamard, PermuQuant and PermuQuant-H at NVFP4, INT4 and INT3 (default rules: W4A4
 everywhere but the modulation linears, which are W4A16, and the embedders / final layer, which stay float): ShapeEval
-accuracy per task (``pqjax.shapes.shapeeval``), final-latent relative error and image PSNR against the float model on
+accuracy per task (``pqjax.demo.shapeeval``), final-latent relative error and image PSNR against the float model on
 the same prompts and noise, the permutation search's summed site error E, and a grid image. Whatever numbers come
 out are written, with notes derived from them on where PermuQuant helps and where it does not.
 """
@@ -22,10 +22,10 @@ import time
 import jax
 import numpy as np
 
-from pqjax.formats import nbytes
-from pqjax.shapes import assets, shapeeval
-from pqjax.shapes import benchmark as B
-from pqjax.shapes import train_dit as td
+from pqjax.config import METHODS
+from pqjax.demo import assets, shapeeval
+from pqjax.demo import benchmark as B
+from pqjax.formats import FORMATS, nbytes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LABEL = {"rtn": "RTN", "smoothquant": "SmoothQuant", "hadamard": "Hadamard", "permuquant": "PermuQuant",
@@ -42,7 +42,8 @@ def grid_image(path, results, items, per_task: int):
         for k, v in short.items():
             name = name.replace(k, v)
         labels.append(name)
-    B.write_grid(path, [r.images[rows] for r in results], labels, scale=3)
+    B.write_grid(path, [r.images[rows] for r in results], labels, scale=3,
+                 row_labels=[items[i].caption for i in rows])
     return [items[i].caption for i in rows]
 
 
@@ -68,16 +69,16 @@ def notes(results: dict, reports: dict, formats) -> list[str]:
 
 def groups_per_row(state, groups: dict) -> str:
     """How many quantization groups each W4A4 linear's K holds, per format (median over linears)."""
-    from pqjax import formats
-    from pqjax.config import DEFAULT_RULES, resolve_rules
-    from pqjax.sites import get_path, linear_paths
+    from pqjax import formats, stages
+    from pqjax.config import QuantConfig
+    from pqjax.sites import get_path
 
     params = state.params["transformer"]
-    rule_of, _ = resolve_rules(linear_paths(params), DEFAULT_RULES)
-    ks = [int(get_path(params, p)["kernel"].shape[0]) for p, r in rule_of.items() if r.action == "w4a4"]
+    plan = stages.plan_linears(params, state.config.flux, QuantConfig())
+    ks = [int(get_path(params, p)["kernel"].shape[0]) for p, m in plan.modes.items() if m == "w4a4"]
     parts = []
     for fmt, group in groups.items():
-        g = formats.NVFP4_BLOCK if fmt == "nvfp4" else (group or formats.DEFAULT_INT_GROUP)
+        g = formats.resolve_group(fmt.split()[0], group)  # fmt may be a label such as "int3 g32"
         parts.append(f"{fmt} {int(np.median([k // g for k in ks]))}")
     return (f"the demo model's {len(ks)} W4A4 linears have K = {min(ks)} .. {max(ks)} (median "
             f"{int(np.median(ks))}), i.e. a median of this many groups per row: " + ", ".join(parts))
@@ -88,11 +89,11 @@ def main(argv=None) -> int:
     ap.add_argument("--per-task", type=int, default=50, help="ShapeEval prompts per task (default: 50)")
     ap.add_argument("--steps", type=int, default=20, help="sampler steps (default: 20)")
     ap.add_argument("--calib", type=int, default=32, help="calibration prompts (default: 32)")
-    ap.add_argument("--formats", default=",".join(B.FORMATS))
+    ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--small-group", type=int, default=32, choices=(0, 32),
                     help="also run INT3 with this group size (more groups per row for the permutation to work "
                          "with; 0 to skip; default: 32)")
-    ap.add_argument("--methods", default=",".join(B.METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", type=pathlib.Path, default=ROOT / "docs", help="folder for RESULTS.md, "
                     "results_grid.png and results.json (default: docs/)")
     ap.add_argument("--model", default=None, help="demo model folder (default: the shipped one)")
@@ -101,11 +102,11 @@ def main(argv=None) -> int:
     formats = [f for f in args.formats.split(",") if f]
     methods = [m for m in args.methods.split(",") if m]
     for f in formats:
-        if f not in B.FORMATS:
-            raise SystemExit(f"--formats: unknown format {f!r}; expected some of {B.FORMATS}")
+        if f not in FORMATS:
+            raise SystemExit(f"--formats: unknown format {f!r}; expected some of {FORMATS}")
     for m in methods:
-        if m not in B.METHODS:
-            raise SystemExit(f"--methods: unknown method {m!r}; expected some of {B.METHODS}")
+        if m not in METHODS:
+            raise SystemExit(f"--methods: unknown method {m!r}; expected some of {METHODS}")
     t_all = time.perf_counter()
 
     state = assets.load_demo_model(args.model)
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
         f"{datetime.date.today().isoformat()} ({platform.machine()}, {jax.devices()[0].device_kind}, "
         f"{time.perf_counter() - t_all:.0f} s in all). Every number below comes from that run.",
         "",
-        f"**Model**: the shipped demo model (`pqjax/shapes/assets/demo_model`, trained by "
+        f"**Model**: the shipped demo model (`pqjax/demo/assets/demo_model`, trained by "
         f"`examples/train_demo_model.py`, {int(state.step)} steps): a FLUX transformer with D = "
         f"{cfg.flux.inner_dim}, {cfg.flux.num_layers} double + {cfg.flux.num_single_layers} single blocks, "
         f"{n_params / 1e6:.2f} M parameters, in pixel space (32x32 RGB, 2x2 space-to-depth, 64 image tokens) with a "

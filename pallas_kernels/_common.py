@@ -1,13 +1,15 @@
-"""Shared by the XLA references and the Triton kernels: argument checks, the Hadamard matrix."""
+"""Shared by the XLA references and the Triton kernels: argument checks; the Hadamard matrix is pqjax.formats'."""
 from __future__ import annotations
 
 import math
 from typing import NamedTuple
 
 import jax.numpy as jnp
+
 import numpy as np
 
-from pqjax.formats import DEFAULT_INT_GROUP, FORMATS, INT_GROUP_SIZES, INT_SCALE_DTYPES, NVFP4_BLOCK, QTensor, int_qmax
+from pqjax.formats import (DEFAULT_INT_GROUP, FORMATS, INT_GROUP_SIZES, INT_SCALE_DTYPES, NVFP4_BLOCK, QTensor,
+                           hadamard_matrix, int_qmax)
 
 __all__ = ["Problem", "ActProblem", "check_args", "check_quantize_args", "check_packed_args", "hadamard_matrix",
            "hadamard_block"]
@@ -26,16 +28,6 @@ class Problem(NamedTuple):
     lead: tuple  # x's leading dims
     out_dtype: jnp.dtype
     qmax: int  # INT formats; 0 for nvfp4
-
-
-def hadamard_matrix(n: int, dtype=np.float32) -> np.ndarray:
-    """The UNNORMALIZED Sylvester Hadamard matrix ``H_n`` (entries +-1, symmetric, ``H @ H = n I``)."""
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"Hadamard size must be a power of 2, got {n}")
-    h = np.ones((1, 1), np.float32)
-    while h.shape[0] < n:
-        h = np.block([[h, h], [h, -h]])
-    return h.astype(dtype)
 
 
 def hadamard_block(fmt: str, group: int) -> int:

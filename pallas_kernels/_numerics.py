@@ -13,7 +13,7 @@ significant bits, e4m3 scales 4), so the result of ``x / s`` must be correctly r
 codes to be well defined.  Triton lowers an f32 ``/`` to the approximate ``div.full.f32`` (up to
 2 ulp off) and XLA rewrites ``a / broadcast(b)`` into ``a * (1 / b)``; the kernels therefore use
 ``div.rn.f32`` (inline PTX) on CUDA and a barrier-protected XLA division in interpret mode: IEEE
-division everywhere, i.e. exactly the formulas of DESIGN.md evaluated in IEEE float32.
+division everywhere, i.e. exactly the formulas of :mod:`pqjax.formats.nvfp4` evaluated in IEEE float32.
 """
 from __future__ import annotations
 

@@ -81,13 +81,13 @@ class Report:
 
 
 def _operands(m, k, n, fmt, group, seed=0):
-    from pqjax.formats import quantize
+    from pqjax.formats import NVFP4_RANGE, quantize
 
     kx, kw = jax.random.split(jax.random.key(seed))
     x = jax.random.normal(kx, (m, k), jnp.bfloat16)
     w_f = (jax.random.normal(kw, (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
     w = jax.jit(lambda w: quantize(w, fmt, axis=0, group_size=group))(w_f)
-    gx = jnp.float32(float(jnp.max(jnp.abs(x.astype(jnp.float32)))) / (6 * 448))
+    gx = jnp.float32(float(jnp.max(jnp.abs(x.astype(jnp.float32)))) / NVFP4_RANGE)
     return x, w_f, w, gx
 
 
@@ -226,28 +226,18 @@ def bench_gemm(report, *, dry, reps, rounds, m_list=M_LIST, shapes=SHAPES):
 # 3. FLUX.1-dev-shaped forward
 # --------------------------------------------------------------------------------------------
 def _flux_params(config, *, dry):
-    from pqjax import formats
+    """Random bf16 FLUX params and their NVFP4 packing by ``pqjax.stages`` (default rules; placeholder activation
+    scales: no calibration), plus a random permutation at every P1/P3 site (timing the fused gather)."""
     from pqjax import sites as S
-    from pqjax.config import DEFAULT_RULES, resolve_rules
+    from pqjax import stages
+    from pqjax.config import QuantConfig
     from pqjax.models import flux
-    from pqjax.models.layers import ActQuant
 
     params = jax.jit(lambda k: flux.init_params(config, k, dtype=jnp.bfloat16))(jax.random.key(0))
-    rule_of, _ = resolve_rules(S.linear_paths(params), DEFAULT_RULES)
-    table = S.flux_sites(config)
-    tap_of = {c: inp for s in table for c, inp in zip(s.consumers, s.inputs)}
-    quant = jax.jit(lambda w: formats.quantize(w, "nvfp4", axis=0))
+    qc = QuantConfig(format="nvfp4", method="rtn")
+    q = stages.pack(params, stages.plan_linears(params, config, qc), qc)
     rng = np.random.default_rng(0)
-    q, acts = params, {}
-    for path, rule in rule_of.items():
-        if rule.action == "keep":
-            continue
-        lin = dict(S.get_path(q, path))
-        lin["kernel"] = quant(lin["kernel"])
-        if rule.action == "w4a4":
-            lin["act_quant"] = acts.setdefault(tap_of.get(path, path), ActQuant(global_scale=jnp.float32(8.0 / 2688)))
-        q = S.set_path(q, path, lin)
-    for site in table:  # a permutation at every P1/P3 site (timing the fused gather; not absorbed)
+    for site in S.flux_sites(config):  # not absorbed: the output is meaningless, the work is the real one
         if site.norm is not None:
             norm = dict(S.get_path(q, site.norm)) if _has(q, site.norm) else {}
             norm["perm"] = jnp.asarray(rng.permutation(site.k).astype(np.int32))

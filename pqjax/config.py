@@ -22,7 +22,7 @@ class Rule(NamedTuple):
     on_indivisible: str = "skip"
 
 
-# DESIGN.md's defaults: modulation linears read one token per sample -> weight-only; embedders, norm_out and the
+# The defaults: modulation linears read one token per sample -> weight-only; embedders, norm_out and the
 # output projection stay in 16 bits; every other linear is W4A4.
 DEFAULT_RULES = (
     Rule(r"(transformer_blocks\.\d+\.norm1(_context)?|single_transformer_blocks\.\d+\.norm)\.linear", "w4a16"),
@@ -35,7 +35,8 @@ DEFAULT_RULES = (
 class QuantConfig:
     """How ``pqjax.quantize`` quantizes a model.
 
-    format: "nvfp4" | "int4" | "int3". group_size: INT group along K (32/64/128, default 64; NVFP4 is 16).
+    format: "nvfp4" | "int4" | "int3". group_size: INT group along K (32/64/128, default 64; NVFP4 is 16); after
+      construction it holds the resolved size (:func:`pqjax.formats.resolve_group`).
     method: "rtn" | "smoothquant" | "hadamard" (block Hadamard rotation, ConvRot-style, no permutation) |
       "permuquant" | "permuquant-h" (permutation then block Hadamard).
     alpha_grid / tau: PermuQuant's score exponents searched per site and acceptance threshold.
@@ -60,11 +61,7 @@ class QuantConfig:
             raise ValueError(f"unknown format {self.format!r}; expected one of {formats.FORMATS}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
-        if self.format == "nvfp4" and self.group_size not in (None, formats.NVFP4_BLOCK):
-            raise ValueError(f"nvfp4 uses blocks of {formats.NVFP4_BLOCK}; group_size={self.group_size} is invalid")
-        if self.format != "nvfp4" and self.group_size not in (None, *formats.INT_GROUP_SIZES):
-            raise ValueError(f"group_size must be one of {formats.INT_GROUP_SIZES} for {self.format}, "
-                             f"got {self.group_size}")
+        object.__setattr__(self, "group_size", formats.resolve_group(self.format, self.group_size))
         if any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
             raise ValueError(f"alpha_grid values must lie in [0, 1], got {self.alpha_grid}")
         if self.calib_rows < 1:
@@ -81,7 +78,8 @@ class QuantConfig:
 
     @property
     def group(self) -> int:
-        return formats.NVFP4_BLOCK if self.format == "nvfp4" else (self.group_size or formats.DEFAULT_INT_GROUP)
+        """The block/group size along K (``group_size`` after defaults: 16 for nvfp4, 64 for INT)."""
+        return self.group_size
 
     @property
     def permutes(self) -> bool:

@@ -30,7 +30,9 @@ from pqjax import sites as S
 from pqjax.models import flux
 from pqjax.models.flux import FluxConfig
 from pqjax.models.layers import dense, is_quantized
-from pqjax.pipeline import latent_size, prepare_img_ids, prepare_txt_ids, sample, unpack_latents
+from pqjax.pipeline import (VAE_SCALE_FACTOR, latent_size, prepare_img_ids, prepare_latents, prepare_txt_ids, sample,
+                            unpack_latents)
+from pqjax.stages import absorb_all
 
 __all__ = ["relative_error", "psnr", "ssim", "site_errors", "compare", "markdown"]
 
@@ -91,12 +93,7 @@ def site_errors(config: FluxConfig, float_params, qparams, perms: dict | None, *
     ``perms``: the accepted permutations per site (``QuantReport.perms``); they are absorbed into ``float_params``
     exactly as ``pqjax.quantize`` did, so that the float and quantized linears read the same channel order. One jit;
     every error is reduced inside it (no activation is kept)."""
-    fp = float_params
-    table = S.flux_sites(config)
-    for site in table:
-        if perms and site.name in perms:
-            fp = S.absorb(fp, site, np.asarray(perms[site.name]))
-    fp = jax.tree.map(jnp.asarray, fp)
+    fp = jax.tree.map(jnp.asarray, absorb_all(float_params, perms or {}, S.flux_sites(config)))
     names = tuple(p for p in S.linear_paths(qparams) if is_quantized(S.get_path(qparams, p)["kernel"]))
     run = _site_errors_fn(config, names)
     out = run(fp, qparams, jnp.asarray(hidden_states), jnp.asarray(encoder_hidden_states),
@@ -144,25 +141,31 @@ def aggregate_sites(config: FluxConfig, errs: dict[str, tuple[float, float]]) ->
 def compare(config: FluxConfig, float_params, qparams, *, encoder_hidden_states, pooled_projections,
             seeds: Sequence[int] = (0,), num_inference_steps: int = 28, height: int = 256, width: int = 256,
             guidance_scale: float = 3.5, dtype=None, perms: dict | None = None, per_site: bool = True,
-            decode: Callable | None = None, scheduler_config=None, progress: bool = False) -> dict:
+            decode: Callable | None = None, scheduler_config=None, vae_scale_factor: int = VAE_SCALE_FACTOR,
+            prompts: Sequence[str] | None = None, progress: bool = False) -> dict:
     """Sample both models from the same seeds and embeddings (``[P, T, J]`` / ``[P, Pd]``: P prompts, batched) and
-    measure the quantized one against the float one. Returns a JSON-able dict (see :func:`markdown`)."""
+    measure the quantized one against the float one. Returns a JSON-able dict (see :func:`markdown`).
+
+    Both start from :func:`pqjax.pipeline.prepare_latents` of each seed (image ``i`` = prompt ``i``), with the
+    pipeline's ``scheduler_config`` and ``vae_scale_factor`` (pixels per latent of its VAE). ``prompts``: the
+    prompts' text, shown in the tables."""
     ctx = jnp.asarray(encoder_hidden_states)
     pooled = jnp.asarray(pooled_projections)
     dtype = jnp.dtype(dtype or ctx.dtype)
     ctx, pooled = ctx.astype(dtype), pooled.astype(dtype)
     n_prompts = ctx.shape[0]
-    h, w = latent_size(height, width)
-    n_img = (h // 2) * (w // 2)
+    if prompts is not None and len(prompts) != n_prompts:
+        raise ValueError(f"compare: {len(prompts)} prompt texts for {n_prompts} embeddings")
+    h, w = latent_size(height, width, vae_scale_factor)
     img_ids, txt_ids = prepare_img_ids(h // 2, w // 2), prepare_txt_ids(ctx.shape[1])
     space = "image" if decode is not None else "latent"
     samples, first = [], None
     for seed in seeds:
-        noise = jax.random.normal(jax.random.key(int(seed)), (n_prompts, n_img, config.in_channels), jnp.float32)
-        noise = noise.astype(dtype)
+        noise = prepare_latents(int(seed), n_prompts, height, width, num_channels_latents=config.in_channels // 4,
+                                dtype=dtype, vae_scale_factor=vae_scale_factor)
         kw = dict(latents=noise, encoder_hidden_states=ctx, pooled_projections=pooled,
                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
-                  width=width, progress=progress)
+                  width=width, vae_scale_factor=vae_scale_factor, progress=progress)
         if scheduler_config is not None:
             kw["scheduler_config"] = scheduler_config
         zf = np.asarray(sample(config, float_params, **kw), np.float32)
@@ -173,12 +176,13 @@ def compare(config: FluxConfig, float_params, qparams, *, encoder_hidden_states,
             uf = np.asarray(decode(zf), np.float32).transpose(0, 3, 1, 2)
             uq = np.asarray(decode(zq), np.float32).transpose(0, 3, 1, 2)
         else:
-            uf = np.asarray(unpack_latents(jnp.asarray(zf), height, width), np.float32)
-            uq = np.asarray(unpack_latents(jnp.asarray(zq), height, width), np.float32)
+            uf = np.asarray(unpack_latents(jnp.asarray(zf), height, width, vae_scale_factor), np.float32)
+            uq = np.asarray(unpack_latents(jnp.asarray(zq), height, width, vae_scale_factor), np.float32)
         for i in range(n_prompts):
             rng = 1.0 if decode is not None else float(uf[i].max() - uf[i].min()) or 1.0
-            samples.append({"prompt": i, "seed": int(seed), "latent_rel_err": relative_error(zq[i], zf[i]),
-                            "psnr": psnr(uq[i], uf[i], rng), "ssim": ssim(uq[i], uf[i], rng)})
+            samples.append({"prompt": i, "text": None if prompts is None else prompts[i], "seed": int(seed),
+                            "latent_rel_err": relative_error(zq[i], zf[i]), "psnr": psnr(uq[i], uf[i], rng),
+                            "ssim": ssim(uq[i], uf[i], rng)})
     mean = {k: float(np.mean([s[k] for s in samples])) for k in ("latent_rel_err", "psnr", "ssim")}
     res = {"space": space, "seeds": [int(s) for s in seeds], "prompts": n_prompts,
            "num_inference_steps": num_inference_steps, "height": height, "width": width,
@@ -198,6 +202,12 @@ def compare(config: FluxConfig, float_params, qparams, *, encoder_hidden_states,
     return res
 
 
+def _cell(text: str, limit: int = 60) -> str:
+    """A prompt as a markdown table cell: one line, pipes escaped, long prompts cut."""
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def markdown(res: dict, *, title: str | None = None, max_sites: int | None = None) -> str:
     """Markdown tables of a :func:`compare` result (samples, mean, per-site errors worst first)."""
     space = "decoded images" if res["space"] == "image" else "unpacked latents (no VAE)"
@@ -208,7 +218,9 @@ def markdown(res: dict, *, title: str | None = None, max_sites: int | None = Non
               f"{res['dtype']}; PSNR/SSIM on {space}.", "",
               "| prompt | seed | latent rel. err | PSNR (dB) | SSIM |", "|---:|---:|---:|---:|---:|"]
     for s in res["samples"]:
-        lines.append(f"| {s['prompt']} | {s['seed']} | {s['latent_rel_err']:.4f} | {s['psnr']:.2f} | {s['ssim']:.4f} |")
+        text = s.get("text")
+        prompt = s["prompt"] if text is None else _cell(text)
+        lines.append(f"| {prompt} | {s['seed']} | {s['latent_rel_err']:.4f} | {s['psnr']:.2f} | {s['ssim']:.4f} |")
     m = res["mean"]
     lines.append(f"| **mean** | | **{m['latent_rel_err']:.4f}** | **{m['psnr']:.2f}** | **{m['ssim']:.4f}** |")
     if res.get("sites"):

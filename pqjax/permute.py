@@ -1,4 +1,4 @@
-"""PermuQuant's search for one site: joint second-moment scores, vectorized alpha search, acceptance, Hadamard.
+"""PermuQuant's search for one site: joint second-moment scores, vectorized alpha search, acceptance.
 
 A *site* is one activation that several linears read (Q/K/V, an FFN input, ...). For a permutation P of its K
 channels, ``X W = (X P)(P^T W)``; PermuQuant picks P so that channels with similar statistics share a
@@ -9,8 +9,9 @@ quantization group:
     accept P*  = argmin_alpha E(P_alpha)  iff  (E(I) - E(P*)) / E(I) > tau
 
 Every candidate (the identity and one permutation per alpha) is evaluated at once with ``jax.vmap``.
-PermuQuant-H rotates by a block-diagonal Hadamard of the group size after the permutation, for every candidate
-including the identity (weights offline, activations online). This module is model-agnostic: it knows nothing
+PermuQuant-H rotates by a block-diagonal Hadamard of the group size after the permutation
+(:func:`pqjax.formats.block_hadamard`), for every candidate including the identity (weights offline, activations
+online). This module is model-agnostic: it knows nothing
 about FLUX (see ``pqjax.sites`` for that).
 """
 from __future__ import annotations
@@ -44,38 +45,6 @@ class SiteResult:
     @property
     def gain(self) -> float:
         return (self.e_orig - self.e_best) / self.e_orig if self.e_orig > 0 else 0.0
-
-
-def group_size_of(fmt: str, group_size: int | None) -> int:
-    if fmt not in formats.FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {formats.FORMATS}")
-    if fmt == "nvfp4":
-        return formats.NVFP4_BLOCK
-    return formats.DEFAULT_INT_GROUP if group_size is None else int(group_size)
-
-
-# ---------------------------------------------------------------------------------------------- Hadamard
-
-def hadamard_matrix(n: int) -> np.ndarray:
-    """Normalized Sylvester Hadamard matrix of order n (a power of two): symmetric and orthogonal."""
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"Hadamard block size must be a power of two, got {n}")
-    h = np.ones((1, 1))
-    while h.shape[0] < n:
-        h = np.block([[h, h], [h, -h]])
-    return h / np.sqrt(n)
-
-
-def block_hadamard(x: jax.Array, group: int, axis: int = -1) -> jax.Array:
-    """Rotate ``x`` along ``axis`` by the block-diagonal Hadamard with blocks of ``group`` (its own inverse)."""
-    x = jnp.moveaxis(x, axis, -1)
-    k = x.shape[-1]
-    if k % group:
-        raise ValueError(f"block Hadamard: axis of length {k} is not a multiple of the group {group}")
-    h = jnp.asarray(hadamard_matrix(group), jnp.float32)
-    y = jnp.einsum("...gi,ij->...gj", x.reshape(*x.shape[:-1], k // group, group).astype(jnp.float32), h,
-                   precision=jax.lax.Precision.HIGHEST)
-    return jnp.moveaxis(y.reshape(x.shape).astype(x.dtype), -1, axis)
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -122,9 +91,9 @@ def quantized_product(x, w, *, fmt, group_size, hadamard=False, act_quant=True, 
     """``Q_a(x) Q_w(w)`` in fp32 with the deployment quantizers (x [n, K] already permuted, w [K, N]).
 
     NVFP4 global scales default to the operands' own amax; pass ``w_global_scale`` when ``w`` is a column slice."""
-    g = group_size_of(fmt, group_size)
+    g = formats.resolve_group(fmt, group_size)
     if hadamard:
-        x, w = block_hadamard(x, g, axis=-1), block_hadamard(w, g, axis=0)
+        x, w = formats.block_hadamard(x, g, axis=-1), formats.block_hadamard(w, g, axis=0)
     gs = None if fmt == "nvfp4" else g
     if act_quant:
         x = formats.fake_quant(x, fmt, group_size=gs, axis=-1,
@@ -189,7 +158,7 @@ def search_site(x_rows, kernels, *, fmt, group_size=None, alpha_grid=DEFAULT_ALP
             raise ValueError(f"search_site: kernel {i} has shape {tuple(w.shape)}, expected [K={k}, N]")
         if x.ndim != 2 or x.shape[1] != k:
             raise ValueError(f"search_site: activations {i} have shape {tuple(x.shape)}, expected [n, K={k}]")
-    g = group_size_of(fmt, group_size)
+    g = formats.resolve_group(fmt, group_size)
     if k % g:
         raise ValueError(f"search_site: K={k} is not a multiple of the {fmt} group size {g}")
     if not all(np.isfinite(np.asarray(x)).all() for x in xs):
@@ -209,7 +178,7 @@ def search_site(x_rows, kernels, *, fmt, group_size=None, alpha_grid=DEFAULT_ALP
         # depends a little on the candidate; the identity's is used: it only positions the e4m3 block-scale range.
         wsc = [formats.nvfp4_global_scale(w)]
         if hadamard and fmt == "nvfp4":
-            wsc = [formats.nvfp4_global_scale(block_hadamard(jnp.asarray(w, jnp.float32), g, axis=0))]
+            wsc = [formats.nvfp4_global_scale(formats.block_hadamard(jnp.asarray(w, jnp.float32), g, axis=0))]
         for start in range(0, w.shape[1], chunk_cols):
             e = _errors_jit(perms, [x], [w[:, start:start + chunk_cols]], None if sc is None else [sc], wsc, fmt=fmt,
                             group_size=g, hadamard=bool(hadamard), act_quant=bool(act_quant))

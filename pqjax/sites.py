@@ -10,7 +10,7 @@ A :class:`Site` is one K-channel activation space. A permutation ``perm`` of it 
   reordered, and ``norm``, the params path where the model reads the normalized activation through ``perm``.
 * ``blocks``: the constraint: the permutation stays inside each contiguous block (P2 stays inside each head).
 
-Site names follow DESIGN.md: per double block ``P1_img P1_txt P2 P3_img P3_txt P4_img P4_txt``, per single block
+Site names: per double block ``P1_img P1_txt P2 P3_img P3_txt P4_img P4_txt``, per single block
 ``P1`` and ``OUT`` (proj_out's input = concat(attention, mlp)), plus the global modulation site ``MOD`` (SiLU(temb)).
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def modulation_linears(config: FluxConfig) -> list[str]:
 
 
 def flux_sites(config: FluxConfig) -> list[Site]:
-    """The FLUX site table of DESIGN.md for ``config``."""
+    """The FLUX site table (module docstring) for ``config``."""
     D, H, hd, mlp = config.inner_dim, config.num_attention_heads, config.attention_head_dim, config.mlp_hidden_dim
     heads = (hd,) * H
     sites: list[Site] = []

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-#: DESIGN.md's quantization-friendly tiny config (every K a multiple of 16 and 64).
+#: The quantization-friendly tiny config (every K a multiple of 16 and 64).
 TINY = dict(num_attention_heads=2, attention_head_dim=64, axes_dims_rope=(8, 28, 28), in_channels=64,
             joint_attention_dim=64, pooled_projection_dim=64, num_layers=2, num_single_layers=2,
             guidance_embeds=True)

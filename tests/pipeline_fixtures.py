@@ -96,8 +96,9 @@ def make_vae(seed: int = 2, *, block_out_channels=(8, 16, 32, 32), layers_per_bl
     return randomize_(model, seed)
 
 
-def make_pipeline(root, seed: int = 3, *, guidance_embeds: bool = True):
-    """A whole tiny FluxPipeline (FLUX.1-dev-like scheduler), saved under ``root``; returns (pipe, path)."""
+def make_pipeline(root, seed: int = 3, *, guidance_embeds: bool = True, vae_blocks=(8, 16, 32, 32)):
+    """A whole tiny FluxPipeline (FLUX.1-dev-like scheduler), saved under ``root``; returns (pipe, path).
+    ``vae_blocks``: the VAE's block_out_channels (its scale factor is 2 ** (len - 1); FLUX's is 8)."""
     import os
 
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
@@ -106,7 +107,7 @@ def make_pipeline(root, seed: int = 3, *, guidance_embeds: bool = True):
 
     sched = {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
              "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": guidance_embeds}
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(sched), vae=make_vae(seed + 1),
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(sched), vae=make_vae(seed + 1, block_out_channels=vae_blocks),
                         text_encoder=make_clip(seed + 2), tokenizer=make_clip_tokenizer(),
                         text_encoder_2=make_t5(seed + 3), tokenizer_2=make_t5_tokenizer(),
                         transformer=make_diffusers_model(seed + 4, guidance_embeds=guidance_embeds))

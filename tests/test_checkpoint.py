@@ -16,13 +16,13 @@ import pytest
 
 import pqjax
 from pqjax.calib import CalibBatch
-from pqjax.checkpoint import MANIFEST, CheckpointError
+from pqjax.io import MANIFEST, CheckpointError
 from pqjax.commands.bench import quantize_tree
-from pqjax.export_safetensors import load_safetensors, save_safetensors
+from pqjax.io import load_safetensors, save_safetensors
 from pqjax.formats import QTensor, nbytes
 from pqjax.models import flux
 from pqjax.models.flux import FluxConfig
-from pqjax.models.layers import ActQuant
+from pqjax.formats import ActQuant
 from pqjax.models.synthetic import outlier_params
 
 CFG = FluxConfig.tiny(num_layers=1, num_single_layers=1)

@@ -25,7 +25,7 @@ from pqjax.models.synthetic import outlier_params
 
 CFG = FluxConfig.tiny(num_layers=1, num_single_layers=1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CALIB = ["--calib-steps", "2", "--calib-size", "64", "--calib-rows", "64"]
+CALIB = ["--steps", "2", "--height", "64", "--width", "64", "--calib-rows", "64"]
 
 
 def write_diffusers_folder(folder, config: FluxConfig, seed: int = 0) -> str:
@@ -88,12 +88,14 @@ def test_help(capsys, command):
 def test_quantize_methods(capsys, work, fmt, method):
     out_dir = work / f"q-{fmt}-{method}"
     rc, out, err = run_main(capsys, "quantize", work / "model", out_dir, "--format", fmt, "--method", method,
-                            "--calib-embeds", work / "embeds.safetensors", *CALIB)
+                            "--embeddings", work / "embeds.safetensors", *CALIB)
     assert rc == 0, err
     assert f"{method} {fmt}" in out and "sites" in out and f"wrote {out_dir}" in out
-    assert "pqjax calibrate: step 2/2" in err and "pqjax search: site" in err      # progress on stderr
+    # progress is logged on stderr: the calibration's first step (with compilation) apart from its steady rate
+    assert "pqjax quantize: calibrate: 2 steps, step 1 " in err and "pqjax quantize: searched " in err
     ck = pqjax.load(out_dir)
     assert ck.kind == fmt and ck.quant_config.method == method and ck.config == CFG
+    assert ck.quant_config.group_size == (16 if fmt == "nvfp4" else 64)     # the group used, not "default"
     assert ck.report.summary() in out
 
 
@@ -105,10 +107,10 @@ def test_quantize_options_quiet_safetensors(capsys, work):
     out_file = work / "q.safetensors"
     rc, out, err = run_main(capsys, "quantize", work / "model", out_file, "--format", "int4", "--group-size", "32",
                             "--alpha-grid", "0,1", "--tau", "0.01", "--rules", rules, "--report", report,
-                            "--calib-embeds", work / "embeds.safetensors", *CALIB, "--quiet", "--table")
+                            "--embeddings", work / "embeds.safetensors", *CALIB, "--quiet", "--table")
     assert rc == 0 and err == "", err                        # --quiet: nothing on stderr
     assert "K " in out and "gain" in out                     # --table
-    from pqjax.export_safetensors import load_safetensors
+    from pqjax.io import load_safetensors
     ck = load_safetensors(out_file)
     assert ck.kind == "int4" and ck.quant_config.group_size == 32 and ck.quant_config.alpha_grid == (0.0, 1.0)
     assert not hasattr(ck.params["single_transformer_blocks"]["0"]["proj_mlp"]["kernel"], "fmt")
@@ -121,12 +123,13 @@ def test_quantize_options_quiet_safetensors(capsys, work):
 def test_eval(capsys, work):
     q = work / "q-nvfp4-permuquant"
     if not q.exists():
-        assert main(["quantize", str(work / "model"), str(q), "--method", "permuquant", "--calib-embeds",
+        assert main(["quantize", str(work / "model"), str(q), "--method", "permuquant", "--embeddings",
                      str(work / "embeds.safetensors"), *CALIB, "--quiet"]) == 0
         capsys.readouterr()
-    js, md = work / "e.json", work / "e.md"
-    rc, out, err = run_main(capsys, "eval", work / "model", q, "--embeds", work / "embeds.safetensors", "--seeds", 3,
-                            "--steps", 2, "--size", 64, "--json", js, "--markdown", md)
+    res_dir = work / "eval-out"
+    js, md = res_dir / "eval.json", res_dir / "eval.md"
+    rc, out, err = run_main(capsys, "eval", work / "model", q, "--embeddings", work / "embeds.safetensors", "--seed",
+                            3, "--steps", 2, "--height", 64, "--width", 64, "--out", res_dir)
     assert rc == 0, err
     res = json.loads(js.read_text())
     assert res["space"] == "latent" and res["format"] == "nvfp4" and res["method"] == "permuquant"
@@ -140,6 +143,12 @@ def test_eval(capsys, work):
     text = md.read_text()
     assert "| site | linears | rel. err |" in text and "unpacked latents (no VAE)" in text
     assert "PSNR" in out and "wrote" in out
+    # the results folder is not overwritten without --overwrite; nothing else is written then
+    before = js.read_text()
+    rc, _, err = run_main(capsys, "eval", work / "model", q, "--embeddings", work / "embeds.safetensors", "--steps", 1,
+                          "--height", 64, "--width", 64, "--out", res_dir)
+    assert rc == 1 and "already exists and is not empty (use --overwrite" in one_line_error(err, "eval")
+    assert js.read_text() == before
 
 
 def test_eval_metrics_are_sane():
@@ -163,8 +172,8 @@ def test_bench(capsys, tmp_path):
     assert res["int4"]["ratio"] > res["nvfp4"]["ratio"] and res["int3"]["ratio"] > 4.5
     cfg = tmp_path / "config.json"        # --preset CONFIG: a diffusers config.json
     cfg.write_text(json.dumps({"_class_name": "FluxTransformer2DModel", **CFG.to_dict()}))
-    rc, out, err = run_main(capsys, "bench", "--preset", cfg, "--steps", 1, "--size", 64, "--formats", "nvfp4",
-                            "--method", "permuquant-h")
+    rc, out, err = run_main(capsys, "bench", "--preset", cfg, "--repeats", 1, "--height", 64, "--width", 64,
+                            "--format", "nvfp4", "--method", "permuquant-h")
     assert rc == 0, err
     assert "per-step time on cpu" in out and "nvfp4 permuquant-h" in out and "bf16" in out
 
@@ -191,12 +200,12 @@ def test_failures(capsys, work, tmp_path):
     rc, _, err = run_main(capsys, "quantize", model, tmp_path / "o", "--group-size", "48", "--format", "int4")
     assert rc == 1 and "group_size" in one_line_error(err, "quantize")
     # calibration inputs
-    rc, _, err = run_main(capsys, "quantize", model, tmp_path / "o", "--calib-embeds", tmp_path / "nope.st")
+    rc, _, err = run_main(capsys, "quantize", model, tmp_path / "o", "--embeddings", tmp_path / "nope.st")
     assert rc == 1 and "no such file" in one_line_error(err, "quantize")
     bad = write_embeds(tmp_path / "bad.safetensors", FluxConfig.tiny(joint_attention_dim=128))
-    rc, _, err = run_main(capsys, "quantize", model, tmp_path / "o", "--calib-embeds", bad)
-    assert rc == 1 and "encoder_hidden_states must be [B, T, 64]" in one_line_error(err, "quantize")
-    rc, _, err = run_main(capsys, "quantize", model, tmp_path / "o", "--calib-embeds", emb, "--calib-prompts", emb)
+    rc, _, err = run_main(capsys, "quantize", model, tmp_path / "o", "--embeddings", bad)
+    assert rc == 1 and "encoder_hidden_states must be [B, N_txt, 64]" in one_line_error(err, "quantize")
+    rc, _, err = run_main(capsys, "quantize", model, tmp_path / "o", "--embeddings", emb, "--prompts", emb)
     assert rc == 2 and "not allowed with" in err
     (tmp_path / "rules.json").write_text('[["x", "int8"]]')
     rc, _, err = run_main(capsys, "quantize", model, tmp_path / "o", "--rules", tmp_path / "rules.json")
@@ -204,7 +213,7 @@ def test_failures(capsys, work, tmp_path):
     (tmp_path / "rules.json").write_text('{oops')
     rc, _, err = run_main(capsys, "quantize", model, tmp_path / "o", "--rules", tmp_path / "rules.json")
     assert rc == 1 and "not valid JSON" in one_line_error(err, "quantize")
-    rc, _, err = run_main(capsys, "quantize", model, tmp_path / "o", "--calib-size", "60")
+    rc, _, err = run_main(capsys, "quantize", model, tmp_path / "o", "--height", "60", "--width", "64")
     assert rc == 1 and "not divisible by 16" in one_line_error(err, "quantize")
     assert not (tmp_path / "o").exists()
     # eval: argument order, another model
@@ -223,7 +232,7 @@ def test_failures(capsys, work, tmp_path):
     # bench
     rc, _, err = run_main(capsys, "bench", "--preset", "flux-pro", "--memory")
     assert rc == 1 and "not one of flux-dev, flux-schnell, tiny" in one_line_error(err, "bench")
-    rc, _, err = run_main(capsys, "bench", "--memory", "--formats", "fp8")
+    rc, _, err = run_main(capsys, "bench", "--memory", "--format", "fp8")
     assert rc == 2
 
 
@@ -247,11 +256,11 @@ def pqjax_cli(tmp_path, *argv, timeout=300):
                           text=True, timeout=timeout)
 
 
-def make_tiny_pipeline(root) -> str:
+def make_tiny_pipeline(root, **kw) -> str:
     """A diffusers FLUX pipeline folder (tiny CLIP, T5, VAE, scheduler; tests/pipeline_fixtures.py) whose
     transformer is the synthetic outlier model."""
     from pipeline_fixtures import make_pipeline
-    _, path = make_pipeline(root, seed=3)
+    _, path = make_pipeline(root, seed=3, **kw)
     tdir = os.path.join(path, "transformer")
     for name in os.listdir(tdir):
         os.remove(os.path.join(tdir, name))
@@ -275,10 +284,12 @@ def test_new_user_walkthrough(tmp_path):
     assert (tmp_path / "flux-tiny" / "pqjax.json").is_file() and r.stdout.startswith("wrote ")
 
     r = pqjax_cli(tmp_path, "quantize", "flux-tiny", "flux-tiny-nvfp4", "--format", "nvfp4", "--method",
-                  "permuquant", "--components", pipe, "--calib-prompts", "prompts.txt", *seq, *CALIB)
+                  "permuquant", "--components", pipe, "--prompts", "prompts.txt", *seq, *CALIB)
     assert r.returncode == 0, r.stderr
     assert "permuquant nvfp4 (group 16)" in r.stdout and "permutations accepted" in r.stdout
-    assert "encoded 2 prompt(s)" in r.stderr and "pqjax calibrate: step 2/2" in r.stderr
+    assert "encoded 2 prompt(s)" in r.stderr and "calibrate: 2 steps" in r.stderr
+    assert "with the scheduler of " in r.stderr       # calibrated on the pipeline's own schedule
+    assert "\r" not in r.stderr                       # no carriage-return progress lines in a log
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
     r = pqjax_cli(tmp_path, "sample", "flux-tiny-nvfp4", "--components", pipe, "--prompts", "prompts.txt", "--out",
@@ -289,22 +300,48 @@ def test_new_user_walkthrough(tmp_path):
         assert Image.open(tmp_path / "images" / name).size == (64, 64)
 
     r = pqjax_cli(tmp_path, "eval", "flux-tiny", "flux-tiny-nvfp4", "--components", pipe, "--prompts", "prompts.txt",
-                  *seq, "--seeds", "0", "--steps", "2", "--size", "64")
+                  *seq, "--seed", "0", "--steps", "2", "--height", "64", "--width", "64")
     assert r.returncode == 0, r.stderr
-    res = json.loads((tmp_path / "eval.json").read_text())
+    res = json.loads((tmp_path / "pqjax-eval" / "eval.json").read_text())
     assert res["space"] == "image" and res["embeddings"] == "prompts" and len(res["samples"]) == 2
     assert 0 < res["mean"]["latent_rel_err"] < 0.5 and res["mean"]["psnr"] > 10
-    assert "PSNR/SSIM on decoded images" in (tmp_path / "eval.md").read_text()
+    table = (tmp_path / "pqjax-eval" / "eval.md").read_text()
+    assert "PSNR/SSIM on decoded images" in table and "| a lighthouse at dusk |" in table   # prompts, not indices
 
     # the failures a new user meets: one line on stderr, exit 1 (failure) or 2 (usage)
     r = pqjax_cli(tmp_path, "quantize", "flux-tinyy", "out")
     assert r.returncode == 1 and r.stderr.strip() == "pqjax quantize: error: flux-tinyy: no such file or directory"
     r = pqjax_cli(tmp_path, "quantize", "flux-tiny", "out", "--format", "nvfp8")
     assert r.returncode == 2 and "invalid choice: 'nvfp8'" in r.stderr
-    r = pqjax_cli(tmp_path, "quantize", "flux-tiny", "out", "--calib-prompts", "prompts.txt")
+    r = pqjax_cli(tmp_path, "quantize", "flux-tiny", "out", "--prompts", "prompts.txt")
     assert r.returncode == 1 and "give --components PIPELINE_FOLDER" in one_line_error(r.stderr, "quantize")
     write_diffusers_folder(tmp_path / "other", FluxConfig.tiny(num_layers=1, joint_attention_dim=128))
-    r = pqjax_cli(tmp_path, "eval", "other", "flux-tiny-nvfp4", "--steps", "1", "--size", "64")
+    r = pqjax_cli(tmp_path, "eval", "other", "flux-tiny-nvfp4", "--steps", "1", "--height", "64", "--width", "64",
+                  "--out", "eval-other")
     assert r.returncode == 1
     line = one_line_error(r.stderr, "eval")             # progress lines, then exactly one error line
     assert "are different models" in line and "joint_attention_dim=128 vs 64" in line
+
+
+def test_eval_with_a_vae_that_is_not_8x(capsys, work, tmp_path):
+    """A pipeline whose VAE downsamples 4x (3 blocks): quantize and eval take its sizes (40 px is a multiple of 8,
+    not of 16) and eval samples and decodes at that factor (a 40x32 image is 10x8 latents, 20 packed tokens),
+    measuring on the decoded 40x32 images."""
+    for mod in ("torch", "transformers", "diffusers"):
+        pytest.importorskip(mod)
+    pipe = make_tiny_pipeline(tmp_path, vae_blocks=(8, 16, 32))
+    with open(os.path.join(pipe, "vae", "config.json")) as f:
+        assert len(json.load(f)["block_out_channels"]) == 3
+    q = tmp_path / "q"
+    size = ["--height", "40", "--width", "32", "--steps", "1"]
+    rc, _, err = run_main(capsys, "quantize", work / "model", q, "--method", "rtn", "--embeddings",
+                          work / "embeds.safetensors", "--components", pipe, *size, "--quiet")
+    assert rc == 0, err
+    rc, out, err = run_main(capsys, "eval", work / "model", q, "--components", pipe, "--embeddings",
+                            work / "embeds.safetensors", "--seed", "0", *size, "--no-sites", "--out", tmp_path / "e",
+                            "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["space"] == "image" and (res["height"], res["width"]) == (40, 32) and len(res["samples"]) == 2
+    assert all(0 < s["latent_rel_err"] < 1 and 0 < s["ssim"] <= 1 for s in res["samples"])
+    assert json.loads((tmp_path / "e" / "eval.json").read_text()) == res

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import inspect
 import json
 import os
@@ -27,9 +28,10 @@ from safetensors.numpy import save_file  # noqa: E402
 
 import converters  # noqa: E402
 from converters import ConversionError, diffusers_to_bfl, load_flux, state_dict_layout  # noqa: E402
-from converters.safetensors_io import READ_STATS, SafetensorsFile  # noqa: E402
+from pqjax.io.safetensors import READ_STATS, SafetensorsFile  # noqa: E402
 from pqjax.models import flux  # noqa: E402
 
+from tolerances import flux_depth, flux_k, fp32_bound  # noqa: E402
 from flux_fixtures import (TINY, make_diffusers_model, make_inputs, state_dict_numpy, torch_forward,  # noqa: E402
                            write_layouts)
 
@@ -212,13 +214,14 @@ def test_loader_holds_one_source_tensor_at_a_time(guided, layout):
     src = diffusers_to_bfl(guided.sd) if layout == "bfl" else guided.sd
     largest = max(v.nbytes for v in src.values())
 
+    gc.collect()
     READ_STATS.reset()
-    assert READ_STATS.live == 0
+    before, before_bytes = READ_STATS.live, READ_STATS.live_bytes  # tensors other tests still hold (0 in order)
     guided.load(layout)
     assert READ_STATS.reads == len(src)
-    assert READ_STATS.peak_live == 1
-    assert READ_STATS.peak_live_bytes == largest
-    assert READ_STATS.live == 0
+    assert READ_STATS.peak_live - before == 1
+    assert READ_STATS.peak_live_bytes - before_bytes == largest
+    assert READ_STATS.live == before
     assert largest < total / 15
 
     # independent of the counter: the Python/numpy heap (tracemalloc) during a load exceeds what
@@ -451,7 +454,9 @@ def test_forward_matches_diffusers_fp32(request, which, layout, batch, n_img, n_
     err = rel_err(out, ref)
     print(f"\nfp32 {which}/{layout} B={batch} img={n_img} txt={n_txt}: max rel err {err:.2e}")
     assert out.shape == ref.shape == (batch, n_img, 64)
-    assert err <= 1e-5
+    inner = tiny.cfg["num_attention_heads"] * tiny.cfg["attention_head_dim"]
+    assert err <= fp32_bound(flux_k(inner, n_img + n_txt), flux_depth(tiny.cfg["num_layers"],
+                                                                      tiny.cfg["num_single_layers"]))
 
 
 @pytest.mark.parametrize("which", ["guided", "unguided"])

@@ -14,15 +14,16 @@ import pqjax
 from pqjax.calib import CalibBatch, calibrate
 from cli_helpers import fresh_seed as _fresh_seed, run_main
 from pqjax.models import flux
+from tolerances import flux_depth, flux_k, fp32_bound
 from pqjax.pipeline import prepare_img_ids, prepare_txt_ids
-from pqjax.shapes import assets, shapeeval
-from pqjax.shapes import benchmark as B
-from pqjax.shapes import train_dit as td
+from pqjax.demo import assets, shapeeval
+from pqjax.demo import benchmark as B
+from pqjax.demo import model as td
 
 
 @pytest.fixture(scope="module")
 def state():
-    return assets.load_demo_model()
+    return assets.load_demo_model()  # a pqjax.demo.model.DemoModel
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,9 @@ def test_shipped_transformer_matches_diffusers(state):
     ours = np.asarray(flux.forward(state.config.flux, state.params["transformer"], hidden_states=x,
                                    encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t,
                                    img_ids=img_ids, txt_ids=txt_ids))
-    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-4
+    fc = state.config.flux
+    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= fp32_bound(flux_k(fc.inner_dim, 64 + 16),
+                                                                          flux_depth(fc.num_layers, fc.num_single_layers))
 
 
 def test_shipped_model_draws_what_captions_ask_for(state, cls):
@@ -95,7 +98,10 @@ def test_calibration_follows_the_demo_schedule(state):
     want = (a0 ** 2).sum(axis=(0, 1)) + (a1 ** 2).sum(axis=(0, 1))
     st = stats["x_embedder"]
     assert float(st.count) == 2 * 2 * 64
-    np.testing.assert_allclose(np.asarray(st.sumsq, np.float64), want, rtol=1e-4)
+    # the jitted calibration pass evaluates the forward in its own rounding order; a square doubles the relative error
+    fc = state.config.flux
+    bound = 2 * fp32_bound(flux_k(fc.inner_dim, 64 + 16), flux_depth(fc.num_layers, fc.num_single_layers))
+    np.testing.assert_allclose(np.asarray(st.sumsq, np.float64), want, rtol=bound)
     # FLUX.1-dev's default (shifted) schedule visits another trajectory
     other = calibrate(state.config.flux, state.params["transformer"],
                       CalibBatch(hidden, pooled, height=32, width=32, num_inference_steps=2, latents=x0,
@@ -133,15 +139,20 @@ def test_demo_command(tmp_path, capsys):
     assert [v["variant"] for v in rep["variants"]] == ["int4:permuquant"]
     assert rep["variants"][0]["latent_rel_err"] > 0 and set(rep["read"]) == {"float", "int4:permuquant"}
     from PIL import Image
-    w, h = Image.open(out / "grid.png").size
+    grid = Image.open(out / "grid.png")
+    w, h = grid.size
     assert w > 2 * 32 * 4 and h > 2 * 32 * 4  # 2 columns x 2 rows of 4x-scaled 32 px images
+    assert json.loads(grid.text["captions"]) == rep["captions"] and grid.text["steps"] == "3"
+    # a second run into the same folder needs --overwrite
+    rc, _, err = run_main(capsys, "demo", "--out", out, "--steps", "3", "--variants", "")
+    assert rc == 1 and "already exists and is not empty" in err
 
 
 @pytest.mark.parametrize("argv, needle", [
     (["--captions", "a red dog"], "['dog']"),
     (["--variants", "nvfp4:magic"], "'nvfp4:magic'"),
     (["--steps", "0"], "--steps must be >= 1"),
-    (["--model", "no-such-folder"], "no-such-folder"),
+    (["--demo-model", "no-such-folder"], "no-such-folder"),
 ])
 def test_demo_bad_input(tmp_path, capsys, argv, needle):
     out = tmp_path / "demo"
@@ -151,9 +162,9 @@ def test_demo_bad_input(tmp_path, capsys, argv, needle):
 
 
 def test_eval_shapeeval_command(tmp_path, capsys):
-    j, m = tmp_path / "s.json", tmp_path / "s.md"
+    j, m = tmp_path / "se" / "shapeeval.json", tmp_path / "se" / "shapeeval.md"
     rc, out, err = run_main(capsys, "eval", "--shapeeval", "--per-task", "1", "--steps", "3", "--variants",
-                            "nvfp4:rtn", "--json", j, "--markdown", m)
+                            "nvfp4:rtn", "--out", tmp_path / "se")
     assert rc == 0, err
     res = json.loads(j.read_text())
     assert [r["name"] for r in res["rows"]] == ["float", "nvfp4:rtn"]
@@ -163,13 +174,13 @@ def test_eval_shapeeval_command(tmp_path, capsys):
 
 def test_eval_shapeeval_scores_a_saved_checkpoint(state, tmp_path, capsys):
     """A quantized checkpoint of the demo transformer, saved with pqjax, scores like the in-memory one."""
-    from pqjax import checkpoint
+    from pqjax.io import checkpoint
     calib = B.calib_batch(state, n=4, steps=2)
     q, rep = B.quantize_demo(state, "nvfp4", "rtn", calib=calib)
     checkpoint.save(tmp_path / "q", q, state.config.flux, rep, quant_config=rep.config)
-    j = tmp_path / "s.json"
+    j = tmp_path / "se" / "shapeeval.json"
     rc, _, err = run_main(capsys, "eval", "--shapeeval", tmp_path / "q", "--per-task", "1", "--steps", "3",
-                          "--json", j, "--markdown", tmp_path / "s.md")
+                          "--out", tmp_path / "se")
     assert rc == 0, err
     rows = json.loads(j.read_text())["rows"]
     items = shapeeval.prompts(1)
@@ -185,15 +196,15 @@ def test_eval_shapeeval_bad_input(tmp_path, capsys):
     other = tmp_path / "other"
     cfg = FluxConfig.tiny(num_layers=1, num_single_layers=1)
     converters.save_diffusers(other, cfg, jax.tree.map(np.asarray, flux.init_params(cfg, jax.random.key(0))))
-    j = tmp_path / "s.json"
+    res = tmp_path / "se"
     for argv, needle in ((["--shapeeval", other], str(other)),
                          (["--shapeeval", "--variants", "int5:rtn"], "'int5:rtn'"),
                          (["--shapeeval", "--per-task", "0"], "--per-task must be >= 1"),
                          (["--shapeeval", tmp_path / "missing"], "missing: no such file"),
                          ([], "needs FLOAT and QUANT")):
-        rc, _, err = run_main(capsys, "eval", *argv, "--json", j)
+        rc, _, err = run_main(capsys, "eval", *argv, "--out", res)
         assert rc != 0 and needle in err and "pqjax eval: error:" in err, (argv, err)
-        assert not j.exists()
+        assert not res.exists()
 
 
 def test_results_script_writes_the_table(tmp_path):
@@ -205,12 +216,13 @@ def test_results_script_writes_the_table(tmp_path):
     spec = importlib.util.spec_from_file_location("pqjax_results_script", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main(["--per-task", "1", "--steps", "3", "--calib", "4", "--formats", "int3", "--small-group", "0",
+    assert mod.main(["--per-task", "1", "--steps", "3", "--calib", "4", "--formats", "int3", "--small-group", "32",
                      "--methods", "rtn,hadamard,permuquant,permuquant-h", "--out", str(tmp_path)]) == 0
     md = (tmp_path / "RESULTS.md").read_text()
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["float", "int3 RTN", "int3 Hadamard", "int3 PermuQuant",
-                                         "int3 PermuQuant-H"]
+                                         "int3 PermuQuant-H", "int3 g32 RTN", "int3 g32 Hadamard",
+                                         "int3 g32 PermuQuant", "int3 g32 PermuQuant-H"]
     for r in rows[1:]:
         assert f"| {r['name']} |" in md and f"{r['latent_rel_err']:.4f}" in md
     assert "int3, PermuQuant vs RTN:" in md and "int3, PermuQuant-H vs Hadamard:" in md

@@ -11,6 +11,8 @@ import pytest
 from pqjax.models import flux
 from pqjax.models.flux import FluxConfig
 
+from tolerances import flux_depth, flux_k, fp32_bound
+
 
 def _inputs(c: FluxConfig, B=1, n_img=16, n_txt=5, dtype=jnp.float32, seed=0):
     rng = np.random.default_rng(seed)
@@ -50,8 +52,11 @@ def test_forward_jit_matches_eager_and_dtype(dtype):
     eager = flux.forward(c, p, **kw)
     jitted = jax.jit(lambda p, kw: flux.forward(c, p, **kw))(p, kw)
     assert eager.dtype == dtype and eager.shape == (2, 16, 64)
-    np.testing.assert_allclose(np.asarray(eager, np.float32), np.asarray(jitted, np.float32),
-                               rtol=0, atol=1e-5 if dtype == jnp.float32 else 5e-2)
+    e, j = np.asarray(eager, np.float32), np.asarray(jitted, np.float32)
+    if dtype == jnp.float32:  # XLA fuses and reorders the compiled forward: fp32 rounding order only
+        assert np.abs(e - j).max() / np.abs(j).max() <= fp32_bound(flux_k(c.inner_dim, 16 + 5), flux_depth(1, 1))
+    else:
+        np.testing.assert_allclose(e, j, rtol=0, atol=5e-2)
 
 
 def test_forward_bad_inputs_name_the_argument():

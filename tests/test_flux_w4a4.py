@@ -1,7 +1,7 @@
 """The quantized FLUX forward quantizes each site's activation ONCE and hands the packed operand to its linears.
 
 A tiny FLUX with random permutations absorbed at the P1/P3 sites (so the gather is fused into the activation
-pass) and every default-W4A4 linear packed by hand (shared ActQuant per site, as pqjax.quantize builds it):
+pass) and every default-W4A4 linear packed by hand (shared ActQuant per site, as pqjax.stages.pack builds it):
 
 * through the Pallas kernels (interpret mode) the forward equals the XLA reference path (same activation codes;
   fp32 accumulation order only) and tracks the float permuted model;
@@ -24,7 +24,7 @@ from pqjax import sites as S
 from pqjax.config import DEFAULT_RULES, resolve_rules
 from pqjax.models import flux, synthetic
 from pqjax.models.flux import FluxConfig
-from pqjax.models.layers import ActQuant
+from pqjax.formats import ActQuant
 
 CFG = FluxConfig.tiny()
 SEED = int(os.environ.get("PQJAX_TEST_SEED", np.random.SeedSequence().entropy % (2**31)))
@@ -58,8 +58,7 @@ def _quantize_by_hand(params, fmt, *, hadamard=False):
         lin = dict(S.get_path(q, path))
         w = jnp.asarray(lin["kernel"], jnp.float32)
         if rule.action == "w4a4" and hadamard:
-            from pqjax.permute import block_hadamard
-            w = block_hadamard(w, 16 if fmt == "nvfp4" else 64, axis=0)
+            w = formats.block_hadamard(w, 16 if fmt == "nvfp4" else 64, axis=0)
         lin["kernel"] = formats.quantize(w, fmt, axis=0, group_size=None if fmt == "nvfp4" else 64)
         if rule.action == "w4a4":
             tap = tap_of.get(path, path)

@@ -5,7 +5,7 @@ One shared test body runs every implementation (tokamax style).  Three numbers p
 * ``kernel`` (Pallas, interpret mode, under ``jax.jit``: quantize_activation + the packed GEMM) against
   ``reference`` (XLA): the activation codes are bit-identical (both are pqjax.formats' arithmetic,
   divisions as IEEE reciprocals), so they must agree to fp32 accumulation order, no code may differ.
-* both against ``ieee``: a numpy model of the DESIGN.md formulas in IEEE float32 (true divisions,
+* both against ``ieee``: a numpy model of the pqjax.formats.nvfp4 formulas in IEEE float32 (true divisions,
   ml_dtypes casts) with a float64 product of the dequantized operands.  ``x * (1/s)`` may break an
   exact rounding tie the other way than ``x / s`` (about 1 in 2000 nvfp4 codes for bf16 inputs);
   allowed: a few activation codes one step off per output, nothing else.
@@ -42,7 +42,7 @@ def _rng(*salt):
 # IEEE model
 # --------------------------------------------------------------------------------------------
 def ieee_act(x, w, *, gx=None, hadamard=False):
-    """Activation dequantized like DESIGN.md, numpy IEEE float32, returned as float64 (incl. gx)."""
+    """Activation dequantized like pqjax.formats.nvfp4, numpy IEEE float32, returned as float64 (incl. gx)."""
     x = np.asarray(jnp.asarray(x).astype(jnp.float32))
     m, k = x.shape
     if hadamard:  # the rotated values XLA computes (f32 sums of exact products)

@@ -4,6 +4,8 @@ Every reference is diffusers itself (torch CPU, fp32): ``FlowMatchEulerDiscreteS
 way ``FluxPipeline`` drives it, ``FluxPipeline``'s static packing helpers, and a whole tiny random
 ``FluxPipeline`` built offline, run with the same latents and prompt embeddings as ``sample``.
 """
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config,
 
 from pqjax.models import flux
 from pqjax.models.flux import FluxConfig
+
+from tolerances import flux_depth, flux_k, fp32_bound
 from pqjax.pipeline import (FlowMatchConfig, euler_step, flow_match_schedule, latent_size, pack_latents,
                             packed_seq_len, prepare_img_ids, prepare_txt_ids, sample, unpack_latents)
 
@@ -227,7 +231,8 @@ def test_loop_matches_flux_pipeline_loop_toy(toy, guidance_embeds, sched_config)
     assert ours.shape == lat.shape and ours.dtype == jnp.float32
     ref = ref.numpy()
     assert np.abs(ref - lat).max() > 0.5  # the loop really moved the latents
-    assert np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max() < 1e-6
+    # toy step: a K=16 matmul, a mean over 5 tokens, tanh, the Euler update: 3 reductions per step, 5 steps
+    assert np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max() <= fp32_bound(16, 3 * 5)
 
 
 def test_loop_bf16_and_no_retrace(toy):
@@ -257,7 +262,7 @@ def test_loop_bf16_and_no_retrace(toy):
     assert len(TRACES) == n_traces  # schedule, guidance and positions are array inputs: no retrace
 
 
-def test_progress_callback(toy, capsys):
+def test_progress_callback(toy, caplog):
     p, cfg = toy
     calls = []
 
@@ -265,13 +270,16 @@ def test_progress_callback(toy, capsys):
         calls.append((step, num_steps))
 
     lat = np.zeros((1, 4, 16), np.float32)
-    out = sample(cfg(False), jax.tree.map(jnp.asarray, p), latents=lat, encoder_hidden_states=np.ones((1, 2, 8), np.float32),
-                 pooled_projections=np.ones((1, 8), np.float32), num_inference_steps=4, forward_fn=toy_forward,
-                 height=32, width=32, progress=True, callback=cb, scheduler_config=FlowMatchConfig.flux_schnell())
-    jax.block_until_ready(out)
-    jax.effects_barrier()
+    with caplog.at_level(logging.INFO, logger="pqjax"):
+        out = sample(cfg(False), jax.tree.map(jnp.asarray, p), latents=lat,
+                     encoder_hidden_states=np.ones((1, 2, 8), np.float32),
+                     pooled_projections=np.ones((1, 8), np.float32), num_inference_steps=4, forward_fn=toy_forward,
+                     height=32, width=32, progress=True, callback=cb, scheduler_config=FlowMatchConfig.flux_schnell())
+        jax.block_until_ready(out)
+        jax.effects_barrier()
     assert sorted(calls) == [(i, 4) for i in range(1, 5)]
-    assert "step 4/4" in capsys.readouterr().err
+    # one summary line: the first step (which includes compiling the loop) apart from the steady-state rate
+    assert "sample: 4 steps, step 1 " in caplog.text and "(incl. compile), then " in caplog.text
 
 
 def test_bad_inputs_raise_clear_errors(toy):
@@ -386,10 +394,11 @@ def test_sample_matches_flux_pipeline(tiny_pipe, batch):
     print(f"\n[{'dev' if config.guidance_embeds else 'schnell'} B={batch}] rel err {err:.2e}, "
           f"latents moved {moved:.2f}")
     assert moved > 0.05, "the tiny model barely changes the latents: the test would not be sensitive"
-    assert err <= 1e-4
+    bound = fp32_bound(flux_k(config.inner_dim, 24 + n_txt), 4 * flux_depth(config.num_layers, config.num_single_layers))
+    assert err <= bound
     np.testing.assert_allclose(np.asarray(unpack_latents(jnp.asarray(ours), height, width)),
                                FluxPipeline._unpack_latents(torch.from_numpy(ref), height, width, 8).numpy(),
-                               rtol=0, atol=1e-4 * np.abs(ref).max())
+                               rtol=0, atol=bound * np.abs(ref).max())
 
 
 def test_sample_bf16_tracks_fp32(tiny_pipe):

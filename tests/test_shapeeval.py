@@ -1,14 +1,16 @@
-"""ShapeEval classifier: label canonicalization, loss goes down, short training beats chance, save/load round trip."""
+"""ShapeEval classifier: label canonicalization, loss goes down, short training (examples/demo_training.py) beats
+chance, save/load round trip."""
 import numpy as np
 import pytest
 
-from pqjax.shapes import Obj, Scene, attributes, make_dataset
-from pqjax.shapes import classifier as C
+import demo_training as dt
+from pqjax.demo import Obj, Scene, attributes, make_dataset
+from pqjax.demo import classifier as C
 
 
 @pytest.fixture(scope="module")
 def trained():
-    return C.train(seed=0, steps=150, batch=32, size=32)
+    return dt.train_classifier(seed=0, steps=150, batch=32, size=32)
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +41,15 @@ def test_label_round_trip_and_canonical_order():
 
 
 def test_few_steps_lower_loss_reproducibly():
-    _, losses = C.train(seed=1, steps=30, batch=32, size=32, return_losses=True)
-    _, again = C.train(seed=1, steps=30, batch=32, size=32, return_losses=True)
+    _, losses = dt.train_classifier(seed=1, steps=30, batch=32, size=32, return_losses=True)
+    _, again = dt.train_classifier(seed=1, steps=30, batch=32, size=32, return_losses=True)
     np.testing.assert_allclose(losses, again, rtol=1e-5)
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])
 
 
 def test_apply_shapes_and_size64():
     import jax
-    params = C.init(jax.random.PRNGKey(0), size=64)
+    params = dt.classifier_init(jax.random.PRNGKey(0), size=64)
     images, _, _ = make_dataset(3, seed=0, size=64)
     out = C.apply(params, images)
     assert out["count"].shape == (3, 2)
@@ -70,7 +72,7 @@ def test_short_training_beats_chance(trained, heldout):
 def test_save_load_round_trip(trained, heldout, tmp_path):
     images, _ = heldout
     path = tmp_path / "shapeeval.npz"
-    C.save(trained, path)
+    dt.save_classifier(trained, path)
     loaded = C.load(path)
     a, b = C.predict_labels(trained, images), C.predict_labels(loaded, images)
     for k in a:

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from cli_helpers import fresh_seed as _fresh_seed
 
-from pqjax.shapes import COLORS, POSITIONS, SHAPES, Tokenizer, UNK, assets, make_dataset, render
-from pqjax.shapes import classifier as C
-from pqjax.shapes import shapeeval as SE
+import demo_training as dt
+from pqjax.demo import COLORS, POSITIONS, SHAPES, UNK, Tokenizer, assets, make_dataset, render
+from pqjax.demo import classifier as C
+from pqjax.demo import shapeeval as SE
 
 
 def _truth(scene) -> dict:
@@ -106,7 +107,7 @@ def test_shipped_classifier_reads_generator_images(shipped_classifier):
     images, _, scenes = make_dataset(500, seed=seed)
     acc = C.evaluate(shipped_classifier, images, scenes)
     assert acc["all"] >= 0.98, acc
-    noisy = np.asarray(C.augment(jax.random.PRNGKey(seed), images))
+    noisy = np.asarray(dt.augment(jax.random.PRNGKey(seed), images))
     assert np.abs(noisy - images).mean() > 2.0  # the corruption is real
     acc_noisy = C.evaluate(shipped_classifier, noisy, scenes)
     assert acc_noisy["all"] >= 0.95, acc_noisy
@@ -120,9 +121,9 @@ def test_shipped_classifier_reads_generator_images(shipped_classifier):
 
 def test_augment_is_seeded_and_bounded():
     images, _, _ = make_dataset(8, seed=3)
-    a = np.asarray(C.augment(jax.random.PRNGKey(1), images))
-    b = np.asarray(C.augment(jax.random.PRNGKey(1), images))
-    c = np.asarray(C.augment(jax.random.PRNGKey(2), images))
+    a = np.asarray(dt.augment(jax.random.PRNGKey(1), images))
+    b = np.asarray(dt.augment(jax.random.PRNGKey(1), images))
+    c = np.asarray(dt.augment(jax.random.PRNGKey(2), images))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     assert a.shape == images.shape and a.min() >= 0 and a.max() <= 255

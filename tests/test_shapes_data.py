@@ -5,9 +5,9 @@ import re
 import numpy as np
 import pytest
 
-from pqjax.shapes import (COLORS, MAX_CAPTION_WORDS, PAD, SHAPES, UNK, Obj, Scene, Tokenizer, attributes, caption,
+from pqjax.demo import (COLORS, MAX_CAPTION_WORDS, PAD, SHAPES, UNK, Obj, Scene, Tokenizer, attributes, caption,
                           make_dataset, render)
-from pqjax.shapes.data import BACKGROUND
+from pqjax.demo.data import BACKGROUND
 
 BG = np.array(BACKGROUND, np.uint8)
 

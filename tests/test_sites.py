@@ -8,6 +8,8 @@ from pqjax import sites as S
 from pqjax.models import flux
 from pqjax.models.flux import FluxConfig
 
+from tolerances import flux_depth, flux_k, fp32_bound
+
 
 def _inputs(c, B=2, n_img=16, n_txt=7, seed=0):
     rng = np.random.default_rng(seed)
@@ -54,7 +56,8 @@ def test_random_permutations_everywhere_are_exact(guidance):
         permuted = S.absorb(permuted, site, perm)
     out = np.asarray(f(permuted, kw))
     rel = np.abs(out - ref).max() / np.abs(ref).max()
-    assert rel <= 1e-5, rel
+    # a permutation only reorders every reduction: fp32 rounding order
+    assert rel <= fp32_bound(flux_k(c.inner_dim, 16 + 7), flux_depth(c.num_layers, c.num_single_layers)), rel
     # and a wrong absorption is caught: permuting only the consumers of one site changes the output
     site = S.flux_sites(c)[0]
     perm = S.random_permutation(site, rng)

@@ -27,10 +27,23 @@ from pqjax.pipeline import (PromptEmbeddings, PromptTruncatedWarning, encode_pro
                             text_to_image, to_pil)
 
 from pipeline_fixtures import make_clip, make_pipeline  # noqa: E402
+from tolerances import flux_depth, flux_k, fp32_bound, png_levels, text_encoder_depth, vae_depth  # noqa: E402
 
 PROMPTS = ["a photo of a cat", "a red house by the river under the moon"]
 LONG = "a big green tree " * 6   # > 77 CLIP tokens and > 32 T5 tokens with the letter-level tokenizers
 RUN = dict(num_inference_steps=3, guidance_scale=3.5, height=64, width=96, max_sequence_length=32)
+# the tiny pipeline (pipeline_fixtures): 2-layer CLIP / T5 (longest reduction 96 or the 77-token sequence), a
+# 2 + 2-block FLUX transformer (inner 128) run for 3 steps, a 4-block VAE (widest 32 channels)
+ENCODER_BOUND = fp32_bound(96, text_encoder_depth(2))
+IMAGE_BOUND = fp32_bound(flux_k(128, 24 * 2 + 32), text_encoder_depth(2) + RUN["num_inference_steps"] * flux_depth(2, 2)
+                         + vae_depth(4, 1))  # images in [0, 1]: relative to max |image| ~ absolute
+
+
+def assert_same_png(a, b):
+    """Two renderings of one image by fp32 computations with different rounding order: within the levels the fp32
+    bound allows (one level: the bound is below 1/255)."""
+    a, b = np.asarray(a, np.int32), np.asarray(b, np.int32)
+    assert a.shape == b.shape and np.abs(a - b).max() <= png_levels(IMAGE_BOUND), np.abs(a - b).max()
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +81,7 @@ def test_encode_prompts_matches_flux_pipeline(tiny):
     assert emb.prompts == prompts and emb.prompt_embeds.shape == (3, 32, 64) and emb.pooled_prompt_embeds.shape == (3, 64)
     e_t5, e_clip = rel_err(emb.prompt_embeds, ref_embeds.numpy()), rel_err(emb.pooled_prompt_embeds, ref_pooled.numpy())
     print(f"\n[encode_prompts] rel err T5 {e_t5:.2e}, CLIP pooled {e_clip:.2e}")
-    assert e_t5 <= 1e-5 and e_clip <= 1e-5
+    assert e_t5 <= ENCODER_BOUND and e_clip <= ENCODER_BOUND
 
 
 def test_images_match_flux_pipeline(tiny):
@@ -80,7 +93,7 @@ def test_images_match_flux_pipeline(tiny):
     assert ours.shape == ref.shape == (2, 64, 96, 3) and ours.dtype == np.float32
     err = float(np.abs(ours - ref).max())
     print(f"\n[text_to_image] max abs err vs FluxPipeline {err:.2e} (images in [0, 1], std {ref.std():.2f})")
-    assert err <= 1e-4
+    assert err <= IMAGE_BOUND
     # sensitive: the images are not flat, and the prompt matters
     assert ref.std() > 0.05 and np.abs(ref[0] - ref[1]).max() > 0.05
     assert not comps.text_encoder.loaded and not comps.text_encoder_2.loaded  # released after encoding
@@ -242,18 +255,21 @@ def test_cli_sample_writes_the_pipeline_images(tiny, tmp_path, capsys):
                    "--batch-size", "2", "--save-embeddings", str(tmp_path / "emb.safetensors"), *flags])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert "3/3 steps" in err and "[" + "#" * 30 + "]" in err  # the progress bar
+    assert "pqjax sample: image 1-2/2: 3 steps, step 1 " in err  # progress: one summary line per batch
     written = sorted(p.name for p in (tmp_path / "imgs").iterdir())
     assert written == ["0000.png", "0001.png"] and out.split() == [str(tmp_path / "imgs" / n) for n in written]
     from PIL import Image
     expected = to_pil(text_to_image(load_flux_pipeline(path, jnp.float32), PROMPTS, seed=0, **RUN))
-    for name, exp in zip(written, expected):
-        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "imgs" / name)), np.asarray(exp))
+    for name, exp, prompt in zip(written, expected, PROMPTS):
+        png = Image.open(tmp_path / "imgs" / name)
+        assert_same_png(png, exp)
+        assert png.text["prompt"] == prompt and png.text["steps"] == "3" and png.text["seed"] == "0"
+        assert png.text["model"] == path and png.text["method"] == "float" and png.text["size"] == "64x96"
     # the saved embeddings reproduce image 1 alone (index-derived seed), without the text encoders
     rc = cli.main(["sample", path, "--embeddings", str(tmp_path / "emb.safetensors"), "--out", str(tmp_path / "e"),
                    "--quiet", *flags])
     assert rc == 0
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "e" / "0001.png")), np.asarray(expected[1]))
+    assert_same_png(Image.open(tmp_path / "e" / "0001.png"), expected[1])
 
 
 def test_cli_sample_errors(tiny, tmp_path, capsys):
@@ -262,7 +278,7 @@ def test_cli_sample_errors(tiny, tmp_path, capsys):
     cases = [
         (["sample", path, "--prompt", "a cat", "--height", "50", "--width", "64", "--out", "x.png"],
          "height=50 is not divisible by 16"),
-        (["sample", str(tmp_path / "nope"), "--prompt", "a cat", "--out", "x.png"], "no such file or folder"),
+        (["sample", str(tmp_path / "nope"), "--prompt", "a cat", "--out", "x.png"], "no such file or directory"),
         (["sample", f"{path}/vae", "--prompt", "a cat", "--out", "x.png"], "--components"),
         (["sample", path, "--prompts", str(tmp_path / "missing.txt"), "--out", "x"], "cannot read prompts file"),
         (["sample", path, "--embeddings", f"{path}/vae/diffusion_pytorch_model.safetensors", "--out", "x"],
@@ -281,7 +297,7 @@ def test_cli_sample_errors(tiny, tmp_path, capsys):
 
 def test_cli_sample_pqjax_checkpoint(tiny, tmp_path, capsys):
     """MODEL = a pqjax checkpoint of the transformer + --components (the pipeline folder for the rest)."""
-    checkpoint = pytest.importorskip("pqjax.checkpoint")
+    from pqjax.io import checkpoint
     _, path = tiny
     config, params = converters.load_flux(f"{path}/transformer", jnp.float32)
     checkpoint.save(tmp_path / "ckpt", params, config)
@@ -291,4 +307,4 @@ def test_cli_sample_pqjax_checkpoint(tiny, tmp_path, capsys):
                      "--out", str(tmp_path / "a.png"), *flags]) == 0, capsys.readouterr().err
     assert cli.main(["sample", path, "--prompt", PROMPTS[0], "--out", str(tmp_path / "b.png"), *flags]) == 0
     from PIL import Image
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    assert_same_png(Image.open(tmp_path / "a.png"), Image.open(tmp_path / "b.png"))

@@ -24,6 +24,7 @@ from converters import ConversionError, load_clip_text_encoder, load_t5_encoder 
 from pqjax.models import clip, t5  # noqa: E402
 from pqjax.pipeline import PromptTruncatedWarning, Tokenizer  # noqa: E402
 
+from tolerances import fp32_bound, text_encoder_depth  # noqa: E402
 from pipeline_fixtures import (CLIP_VOCAB_SIZE, T5_VOCAB_SIZE, make_clip, make_clip_tokenizer, make_t5,  # noqa: E402
                                make_t5_tokenizer)
 
@@ -87,7 +88,8 @@ def test_clip_matches_transformers(clips, variant):
     hidden, pooled = clip_forward(config, params, jnp.asarray(ids))
     e_h, e_p = rel_err(hidden, ref.last_hidden_state.numpy()), rel_err(pooled, ref.pooler_output.numpy())
     print(f"\n[clip {variant}] rel err hidden {e_h:.2e}, pooled {e_p:.2e}")
-    assert e_h <= 1e-5 and e_p <= 1e-5
+    bound = fp32_bound(max(config.intermediate_size, 77), text_encoder_depth(config.num_hidden_layers))
+    assert e_h <= bound and e_p <= bound
     # the pooled state really is taken at a per-row position (not a fixed one)
     assert not np.allclose(np.asarray(pooled), np.asarray(hidden)[:, -1], atol=1e-3)
 
@@ -136,7 +138,7 @@ def test_t5_matches_transformers(t5s, variant, length):
         ref = model(torch.from_numpy(ids))[0].numpy()
     err = rel_err(t5_forward(config, params, jnp.asarray(ids)), ref)
     print(f"\n[t5 {variant} L={length}] rel err {err:.2e}")
-    assert err <= 1e-5
+    assert err <= fp32_bound(max(config.d_ff, length), text_encoder_depth(config.num_layers))
 
 
 def test_t5_bf16_tracks_fp32(t5s):
@@ -261,3 +263,23 @@ def test_encoders_reject_bad_ids():
         t5.T5EncoderConfig(feed_forward_proj="gated-gelu-x")
     with pytest.raises(ValueError, match="unsupported hidden_act"):
         clip.CLIPTextConfig(hidden_act="mish")
+
+
+def test_tokenizer_json_is_read_without_transformers(tokenizer_folders):
+    """A folder with tokenizer.json is read by ``tokenizers`` alone: transformers is never imported (and so cannot
+    print its missing-PyTorch warning), and the ids are FluxPipeline's."""
+    import subprocess
+    import sys
+    ref_tok, folder = tokenizer_folders["t5"]
+    assert os.path.isfile(os.path.join(folder, "tokenizer.json"))
+    assert Tokenizer.from_folder(folder).kind == "tokenizers"
+    code = ("import sys; from pqjax.pipeline import Tokenizer; "
+            f"t = Tokenizer.from_folder({folder!r}); ids = t(['a photo of a cat'], 24); "
+            "print(t.kind, 'transformers' in sys.modules, ids.tolist())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0, r.stderr
+    kind, imported, ids = r.stdout.split(" ", 2)
+    assert kind == "tokenizers" and imported == "False"
+    ref = ref_tok(["a photo of a cat"], padding="max_length", max_length=24, truncation=True).input_ids
+    assert ids.strip() == str(ref)

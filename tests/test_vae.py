@@ -21,6 +21,13 @@ from converters import ConversionError, load_vae  # noqa: E402
 from pqjax.models import vae  # noqa: E402
 
 from pipeline_fixtures import make_vae  # noqa: E402
+from tolerances import fp32_bound, vae_depth  # noqa: E402
+
+
+def vae_bound(config) -> float:
+    """fp32 bound for a whole encode or decode: 3x3 convolutions over the widest block are the longest dots."""
+    return fp32_bound(9 * max(config.block_out_channels), vae_depth(len(config.block_out_channels),
+                                                                   config.layers_per_block))
 
 VARIANTS = {
     "flux": dict(),
@@ -72,7 +79,7 @@ def test_decoder_matches_diffusers(tiny_vae):
     assert ours.shape == ref.shape == (2, 3, 6 * config.scale_factor, 10 * config.scale_factor)
     err = rel_err(ours, ref)
     print(f"\n[vae {name}] decode rel err {err:.2e}")
-    assert err <= 1e-5
+    assert err <= vae_bound(config)
 
 
 def test_encoder_matches_diffusers(tiny_vae):
@@ -84,7 +91,7 @@ def test_encoder_matches_diffusers(tiny_vae):
     mean, logvar = encode(config, params, jnp.asarray(x))
     e_m, e_v = rel_err(mean, dist.mean.numpy()), rel_err(logvar, dist.logvar.numpy())
     print(f"\n[vae {name}] encode rel err mean {e_m:.2e}, logvar {e_v:.2e}")
-    assert e_m <= 1e-5 and e_v <= 1e-5
+    assert e_m <= vae_bound(config) and e_v <= vae_bound(config)
 
 
 def test_flux_scaling_and_shift(tiny_vae):
@@ -96,13 +103,13 @@ def test_flux_scaling_and_shift(tiny_vae):
     shift = model.config.shift_factor or 0.0
     with torch.no_grad():
         ref = model.decode(torch.from_numpy(lat) / model.config.scaling_factor + shift).sample.numpy()
-    assert rel_err(jax.jit(vae.decode_latents, static_argnums=0)(config, params, jnp.asarray(lat)), ref) <= 1e-5
+    assert rel_err(jax.jit(vae.decode_latents, static_argnums=0)(config, params, jnp.asarray(lat)), ref) <= vae_bound(config)
     x = rng.uniform(-1, 1, (1, 3, 4 * f, 6 * f)).astype(np.float32)
     with torch.no_grad():
         mode = model.encode(torch.from_numpy(x)).latent_dist.mode()
     ref_z = ((mode - shift) * model.config.scaling_factor).numpy()
     enc_image = jax.jit(vae.encode_image, static_argnums=0)
-    assert rel_err(enc_image(config, params, jnp.asarray(x)), ref_z) <= 1e-5
+    assert rel_err(enc_image(config, params, jnp.asarray(x)), ref_z) <= vae_bound(config)
 
 
 def test_bf16_decode_tracks_fp32(vaes):

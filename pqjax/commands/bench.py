@@ -9,18 +9,19 @@ Library use::
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import statistics
-import sys
 import time
 
 PRESETS = ("flux-dev", "flux-schnell", "tiny")
 
+log = logging.getLogger("pqjax.commands")
+
 
 def add_parser(sub):
-    from pqjax.config import METHODS
-    from pqjax.formats import FORMATS
+    from pqjax.commands import options
 
     p = sub.add_parser(
         "bench", help="parameter memory (bf16 vs quantized) and per-step time (float vs quantized)",
@@ -32,26 +33,27 @@ def add_parser(sub):
                    help="flux-dev (default), flux-schnell, tiny, or CONFIG: a config.json, a diffusers model or "
                         "pipeline folder, or a pqjax checkpoint")
     p.add_argument("--memory", action="store_true", help="parameter memory only (no timing)")
-    p.add_argument("--steps", type=int, default=5, help="timed forward steps per model (default: 5)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), metavar="FMT",
-                   help="formats to measure (default: nvfp4 int4 int3)")
-    p.add_argument("--group-size", type=int, help="INT group size (default: 64)")
-    p.add_argument("--rules", metavar="FILE", help="quantization rules JSON (as for `pqjax quantize`)")
-    p.add_argument("--method", choices=METHODS, default="permuquant",
-                   help="what the timed quantized model does at run time: permuted reads (permuquant*), Hadamard "
-                        "(hadamard, permuquant-h), smoothing (smoothquant) (default: permuquant)")
-    p.add_argument("--size", metavar="HxW", help="image size for timing (default: 1024 for FLUX presets, else 256)")
+    p.add_argument("--repeats", type=int, default=5, help="timed forward steps per model (default: 5)")
+    options.old_flag(p, "--steps", "--repeats", dest="repeats", type=int)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
+    options.add_quantization(p, formats_plural=True)
+    p.add_argument("--height", type=int, default=None, help="image height for timing (default: 1024 for FLUX "
+                                                             "presets, else 256)")
+    p.add_argument("--width", type=int, default=None, help="image width for timing (default: as --height)")
+    options.old_flag(p, "--size", "--height and --width", dest="height",
+                     convert=lambda v, parser, flag: dict(zip(("height", "width"),
+                                                              options.parse_size(v, parser, flag))))
     p.add_argument("--txt-tokens", type=int, help="text tokens for timing (default: 512 dev, 256 schnell, else 64)")
-    p.add_argument("--batch", type=int, default=1, help="batch size for timing (default: 1)")
+    p.add_argument("--batch-size", type=int, default=1, help="batch size for timing (default: 1)")
+    options.old_flag(p, "--batch", "--batch-size", dest="batch_size", type=int)
     return p
 
 
 # ---------------------------------------------------------------------------------------------- configs
 
 def resolve_preset(preset: str):
-    from pqjax.checkpoint import MANIFEST
-    from pqjax.cli import CommandError
+    from pqjax.commands import CommandError
+    from pqjax.io import MANIFEST
     from pqjax.models.flux import FluxConfig
     if preset == "flux-dev":
         return "FLUX.1-dev", FluxConfig.flux_dev()
@@ -86,54 +88,28 @@ def resolve_preset(preset: str):
 
 # ---------------------------------------------------------------------------------------------- memory
 
-def _plan(config, fmt, rules, group_size, params):
-    """linear path -> "w4a4" | "w4a16" for the linears the rules quantize (K divisible by the group)."""
-    from pqjax import sites as S
-    from pqjax.config import QuantConfig, resolve_rules
-    qc = QuantConfig(format=fmt, group_size=group_size, rules=rules)
-    paths = S.linear_paths(params)
-    rule_of, _ = resolve_rules(paths, qc.rules)
-    plan = {}
-    for p in paths:
-        r = rule_of[p]
-        if r.action != "keep" and S.get_path(params, p)["kernel"].shape[0] % qc.group == 0:
-            plan[p] = r.action
-    return plan, qc
-
-
 def quantize_tree(config, params, fmt, *, rules=None, group_size=None, method="rtn", perms: bool = True):
-    """Quantize the rule-selected kernels of ``params`` (no calibration: for byte counts and timing only).
-
-    W4A4 linears get an ``ActQuant`` (global scale 1/(6*448)*8: any finite value); ``method`` adds what the method
-    does at run time: Hadamard rotation, SmoothQuant factors, and, with ``perms``, an identity ``perm`` under every
-    norm that a P1/P3 permutation would use (its permuted read; the upper bound of PermuQuant's storage)."""
+    """Quantize the rule-selected kernels of ``params`` without calibration (for byte counts and timing only):
+    :func:`pqjax.stages.pack` with placeholder activation scales. ``method`` adds what it does at run time: the
+    Hadamard rotation, SmoothQuant factors (ones), and, with ``perms``, an identity permutation under every norm
+    that a P1/P3 permutation would use (its permuted read; the upper bound of PermuQuant's storage).
+    Returns ``(qparams, {linear: "w4a4" | "w4a16"})``."""
     import jax.numpy as jnp
+    import numpy as np
 
-    from pqjax import formats
-    from pqjax import sites as S
-    from pqjax.config import DEFAULT_RULES
-    from pqjax.models.layers import ActQuant
-    plan, qc = _plan(config, fmt, DEFAULT_RULES if rules is None else rules, group_size, params)
-    rotate = method in ("hadamard", "permuquant-h")
-    for p, mode in plan.items():
-        lin = dict(S.get_path(params, p))
-        k = lin["kernel"]
-        lin["kernel"] = formats.quantize(k, fmt, axis=0, group_size=None if fmt == "nvfp4" else qc.group)
-        if mode == "w4a4":
-            lin["act_quant"] = ActQuant(global_scale=jnp.float32(8.0 / (6 * 448)),
-                                        smooth=jnp.ones((k.shape[0],), jnp.float32) if method == "smoothquant"
-                                        else None, hadamard=rotate)
-        params = S.set_path(params, p, lin)
-    if perms and method in ("permuquant", "permuquant-h"):
-        for site in S.flux_sites(config):
-            if site.norm is not None and any(c in plan for c in site.consumers):
-                try:
-                    norm = dict(S.get_path(params, site.norm))
-                except KeyError:
-                    norm = {}
-                norm["perm"] = jnp.arange(site.k, dtype=jnp.int32)
-                params = S.set_path(params, site.norm, norm)
-    return params, plan
+    from pqjax import stages
+    from pqjax.config import DEFAULT_RULES, QuantConfig
+    qc = QuantConfig(format=fmt, method=method, group_size=group_size, rules=DEFAULT_RULES if rules is None else rules)
+    plan = stages.plan_linears(params, config, qc)
+    if perms and qc.permutes:
+        identity = {s.name: np.arange(s.k) for s in plan.active_sites if s.norm is not None}
+        params = stages.absorb_all(params, identity, plan.sites)
+    smooth = None
+    if method == "smoothquant":
+        from pqjax import sites as S
+        smooth = {p: jnp.ones((S.get_path(params, p)["kernel"].shape[0],), jnp.float32)
+                  for p, m in plan.modes.items() if m == "w4a4"}
+    return stages.pack(params, plan, qc, smooth=smooth), {p: m for p, m in plan.modes.items() if m != "keep"}
 
 
 def memory_report(config, formats=("nvfp4", "int4", "int3"), *, rules=None, group_size=None) -> dict:
@@ -142,7 +118,7 @@ def memory_report(config, formats=("nvfp4", "int4", "int3"), *, rules=None, grou
     import jax
     import jax.numpy as jnp
 
-    from pqjax.formats import QTensor, nbytes
+    from pqjax.formats import QTensor, nbytes, resolve_group
     from pqjax.models.flux import param_shapes
     shapes = param_shapes(config, jnp.bfloat16)
     base = nbytes(shapes)
@@ -162,7 +138,7 @@ def memory_report(config, formats=("nvfp4", "int4", "int3"), *, rules=None, grou
         qlin = sum(math.prod(l.shape) for l in jax.tree.leaves(q, is_leaf=lambda x: isinstance(x, QTensor))
                    if isinstance(l, QTensor))
         out[fmt] = {"bytes": b, "gib": b / 2 ** 30, "ratio": base / b,
-                    "group_size": 16 if fmt == "nvfp4" else (group_size or 64),
+                    "group_size": resolve_group(fmt, group_size),
                     "w4a4_linears": sum(m == "w4a4" for m in plan.values()),
                     "w4a16_linears": sum(m == "w4a16" for m in plan.values()),
                     "quantized_params": qlin, "quantized_fraction": qlin / n}
@@ -226,12 +202,11 @@ def time_forward(config, params, *, batch, height, width, txt_tokens, steps, dty
             "first_call_s": first, "steps": steps}
 
 
-def timing_report(config, formats, *, method, rules, group_size, batch, height, width, txt_tokens, steps,
-                  log=lambda m: None) -> dict:
+def timing_report(config, formats, *, method, rules, group_size, batch, height, width, txt_tokens, steps) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from pqjax.cli import CommandError
+    from pqjax.commands import CommandError
     from pqjax.formats import nbytes
     from pqjax.models.flux import init_params
     mem = memory_report(config, formats, rules=rules, group_size=group_size)
@@ -242,15 +217,15 @@ def timing_report(config, formats, *, method, rules, group_size, batch, height, 
                            f"the weights alone but {avail / 2 ** 30:.1f} GiB are free: use --memory (abstract byte "
                            "counts) or a smaller --preset (e.g. tiny)")
     dtype = jnp.bfloat16
-    log(f"pqjax bench: random {jnp.dtype(dtype).name} weights ({mem['bf16_gib']:.3g} GiB) on {dev.device_kind} ...")
+    log.info("random %s weights (%.3g GiB) on %s ...", jnp.dtype(dtype).name, mem["bf16_gib"], dev.device_kind)
     params = init_params(config, jax.random.key(0), dtype=dtype)
     kw = dict(batch=batch, height=height, width=width, txt_tokens=txt_tokens, steps=steps, dtype=dtype)
     res = {"device": f"{dev.platform}:{dev.device_kind}", "batch": batch, "height": height, "width": width,
            "txt_tokens": txt_tokens, "method": method}
-    log("pqjax bench: timing the float model ...")
+    log.info("timing the float model ...")
     res["bf16"] = time_forward(config, params, **kw)
     for fmt in formats:
-        log(f"pqjax bench: quantizing ({fmt}) and timing ...")
+        log.info("quantizing (%s) and timing ...", fmt)
         q, _ = quantize_tree(config, params, fmt, rules=rules, group_size=group_size, method=method)
         q = jax.block_until_ready(q)
         r = time_forward(config, q, **kw)
@@ -265,8 +240,8 @@ def timing_report(config, formats, *, method, rules, group_size, batch, height, 
 # ---------------------------------------------------------------------------------------------- run
 
 def run(args) -> int:
-    from pqjax.cli import CommandError
-    from pqjax.commands.quantize import check_size, parse_size, read_rules
+    from pqjax.commands import CommandError
+    from pqjax.commands.common import check_positive, check_size, read_rules
 
     name, config = resolve_preset(args.preset)
     rules = read_rules(args.rules) if args.rules else None
@@ -274,20 +249,21 @@ def run(args) -> int:
         from pqjax.formats import INT_GROUP_SIZES
         if args.group_size not in INT_GROUP_SIZES:
             raise CommandError(f"--group-size must be one of {INT_GROUP_SIZES}, got {args.group_size}")
-    if args.steps < 1:
-        raise CommandError(f"--steps must be >= 1, got {args.steps}")
+    check_positive(args.repeats, "--repeats")
+    check_positive(args.batch_size, "--batch-size")
+    formats = args.format
     flux_preset = args.preset in ("flux-dev", "flux-schnell")
-    mem = memory_report(config, args.formats, rules=rules, group_size=args.group_size)
+    mem = memory_report(config, formats, rules=rules, group_size=args.group_size)
     out = {"preset": name, "config": config.to_dict(), **mem}
     timing = None
     if not args.memory:
-        height, width = parse_size(args.size or ("1024" if flux_preset else "256"), "--size")
-        check_size(height, width, "--size")
+        height = args.height or (1024 if flux_preset else 256)
+        width = args.width or height
+        check_size(height, width)
         txt = args.txt_tokens or {"flux-dev": 512, "flux-schnell": 256}.get(args.preset, 64)
-        log = (lambda m: None) if (args.quiet or args.json) else (lambda m: print(m, file=sys.stderr, flush=True))
-        timing = timing_report(config, args.formats, method=args.method, rules=rules, group_size=args.group_size,
-                               batch=args.batch, height=height, width=width, txt_tokens=txt, steps=args.steps,
-                               log=log)
+        timing = timing_report(config, formats, method=args.method, rules=rules, group_size=args.group_size,
+                               batch=args.batch_size, height=height, width=width, txt_tokens=txt,
+                               steps=args.repeats)
         out["timing"] = timing
     if args.json:
         print(json.dumps(out))
@@ -298,16 +274,16 @@ def run(args) -> int:
     unit, div = ("GiB", 2 ** 30) if mem["bf16_bytes"] >= 2 ** 28 else ("MiB", 2 ** 20)
     print(f"{'model':<12} {'bytes':>16} {unit:>8} {'vs bf16':>8}  quantized linears")
     print(f"{'bf16':<12} {mem['bf16_bytes']:>16,} {mem['bf16_bytes'] / div:>8.2f} {1.0:>7.2f}x")
-    for fmt in args.formats:
+    for fmt in formats:
         m = mem[fmt]
         label = fmt if fmt == "nvfp4" else f"{fmt} g{m['group_size']}"
         print(f"{label:<12} {m['bytes']:>16,} {m['bytes'] / div:>8.2f} {m['ratio']:>7.2f}x  {m['w4a4_linears']} "
               f"W4A4 + {m['w4a16_linears']} weight-only ({100 * m['quantized_fraction']:.1f}% of the parameters)")
     if timing is not None:
         print(f"\nper-step time on {timing['device']} (one jitted forward, batch {timing['batch']}, "
-              f"{timing['height']}x{timing['width']}, {timing['txt_tokens']} text tokens; median of {args.steps}):")
+              f"{timing['height']}x{timing['width']}, {timing['txt_tokens']} text tokens; median of {args.repeats}):")
         print(f"{'bf16':<24} {timing['bf16']['median_ms']:>10.2f} ms")
-        for fmt in args.formats:
+        for fmt in formats:
             t = timing[fmt]
             print(f"{fmt + ' ' + args.method:<24} {t['median_ms']:>10.2f} ms  ({t['speedup']:.2f}x vs bf16)")
     return 0

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import pathlib
-import sys
 import time
+
+from pqjax.commands import CommandError, options
+from pqjax.commands.common import check_positive, out_folder, write_text
+
+log = logging.getLogger("pqjax.commands")
 
 DEFAULT_VARIANTS = ("nvfp4:rtn", "nvfp4:permuquant", "nvfp4:permuquant-h", "int3:rtn", "int3:permuquant",
                     "int3:permuquant-h")
@@ -24,7 +29,8 @@ DEFAULT_CAPTIONS = ("a red circle on the left", "two large blue squares", "a sma
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="quantize and sample the shipped demo model; write a PNG grid and report",
                        description=__doc__)
-    p.add_argument("--out", default="pqjax-demo", help="output folder (default: ./pqjax-demo)")
+    p.add_argument("--out", default="pqjax-demo", metavar="FOLDER", help="output folder (default: ./pqjax-demo)")
+    options.add_overwrite(p, "the files in --out")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
     p.add_argument("--captions", default=None,
@@ -32,20 +38,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "'a red circle on the left;two green triangles'")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help="comma-separated format:method pairs (default: %(default)s); empty for float only")
-    p.add_argument("--model", default=None, help="demo model folder (default: the shipped one)")
+    p.add_argument("--demo-model", default=None, metavar="FOLDER", help="demo model folder (default: the shipped one)")
+    options.old_flag(p, "--model", "--demo-model", dest="demo_model")
     return p
-
-
-def _log(args, msg):
-    if not args.quiet:
-        print(msg, file=sys.stderr, flush=True)
 
 
 def check_captions(captions: list[str]) -> None:
     """Raise CommandError naming the caption and word when a word is outside the demo model's vocabulary."""
-    from pqjax.cli import CommandError
-    from pqjax.shapes import MAX_CAPTION_WORDS, Tokenizer
-    from pqjax.shapes.tokenizer import split_words
+    from pqjax.demo import MAX_CAPTION_WORDS, Tokenizer
+    from pqjax.demo.tokenizer import split_words
 
     vocab = Tokenizer().vocab
     if not captions:
@@ -64,18 +65,18 @@ def run(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from pqjax.cli import CommandError
-    from pqjax.formats import nbytes
-    from pqjax.shapes import assets, classifier, train_dit as td
+    from pqjax.demo import assets, classifier
+    from pqjax.demo import model as td
+    from pqjax.demo.benchmark import calib_batch, parse_variants, quantize_demo, write_grid
     from pqjax.evaluate import psnr, relative_error
-    from pqjax.shapes.benchmark import calib_batch, parse_variants, quantize_demo, write_grid
+    from pqjax.formats import nbytes
 
     try:
         variants = parse_variants(args.variants)
     except ValueError as e:
         raise CommandError(str(e)) from None
-    if args.steps < 1:
-        raise CommandError(f"--steps must be >= 1, got {args.steps}")
+    check_positive(args.steps, "--steps")
+    out_folder(args.out, args.overwrite)
     captions = list(DEFAULT_CAPTIONS) if args.captions is None else [c.strip() for c in args.captions.split(";")
                                                                      if c.strip()]
     check_captions(captions)
@@ -85,14 +86,14 @@ def run(args) -> int:
     # 1. the shipped model (diffusers transformer folder + text encoder + tokenizer) and classifier
     t0 = time.perf_counter()
     try:
-        state = assets.load_demo_model(args.model)
+        state = assets.load_demo_model(args.demo_model)
         cls = assets.load_shapeeval()
     except (FileNotFoundError, ValueError) as e:
         raise CommandError(str(e)) from None
     cfg = state.config.flux
     times["load model"] = time.perf_counter() - t0
-    _log(args, f"pqjax demo: demo model (D={cfg.inner_dim}, {cfg.num_layers} double + {cfg.num_single_layers} single "
-               f"blocks, trained {int(state.step)} steps) from {args.model or assets.DEMO_MODEL}")
+    log.info("demo model (D=%d, %d double + %d single blocks, trained %d steps) from %s", cfg.inner_dim,
+             cfg.num_layers, cfg.num_single_layers, int(state.step), args.demo_model or assets.DEMO_MODEL)
 
     def sample(transformer=None):
         lat = td.generate_latents(state, captions, seed=args.seed, steps=args.steps, transformer=transformer)
@@ -116,7 +117,8 @@ def run(args) -> int:
     columns, labels, rows = [ref_img], ["float"], []
     for v, fmt, method in variants:
         t0 = time.perf_counter()
-        q, rep = quantize_demo(state, fmt, method, calib=calib)
+        log.info("quantizing: %s ...", v)
+        q, rep = quantize_demo(state, fmt, method, calib=calib, progress=not args.quiet)
         tq = time.perf_counter() - t0
         lat, img = sample(q)
         err = relative_error(lat, ref_lat)
@@ -126,12 +128,14 @@ def run(args) -> int:
                          sites=len(rep.sites), param_bytes=int(nbytes(q)), quantize_s=tq))
         columns.append(img)
         labels.append(v.replace("permuquant", "PQ"))
-        _log(args, f"pqjax demo: {v:<20} final-latent rel. error {err:.4f}, PSNR {rows[-1]['psnr']:.2f} dB "
-                   f"({rows[-1]['accepted']}/{len(rep.sites)} permutations accepted, quantized in {tq:.1f}s)")
+        log.info("%-20s final-latent rel. error %.4f, PSNR %.2f dB (%d/%d permutations accepted, quantized in "
+                 "%.1fs)", v, err, rows[-1]["psnr"], rows[-1]["accepted"], len(rep.sites), tq)
 
     # 3. outputs
     grid = out / "grid.png"
-    write_grid(grid, columns, labels)
+    write_grid(grid, columns, labels, row_labels=captions,
+               metadata={"model": f"pqjax demo model ({args.demo_model or 'shipped'})", "seed": args.seed,
+                         "steps": args.steps, "captions": json.dumps(captions), "columns": json.dumps(labels)})
     float_bytes = int(nbytes(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16),
                                           state.params["transformer"])))
     times["total"] = time.perf_counter() - t_all
@@ -155,9 +159,9 @@ def run(args) -> int:
               "The demo model keeps its embedders and final layer in 16 bits (default rules); they weigh more in a "
               "model this small, so its packed size ratio is below the FLUX.1-dev ratio of `pqjax bench --memory`. "
               "Full-scale ShapeEval numbers for every method: docs/RESULTS.md."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "report.json").write_text(json.dumps(dict(captions=captions, variants=rows, read=seen, times=times,
-                                                     float_bytes=float_bytes), indent=2))
+    write_text(str(out / "report.md"), "\n".join(lines) + "\n")
+    write_text(str(out / "report.json"), json.dumps(dict(captions=captions, variants=rows, read=seen, times=times,
+                                                         float_bytes=float_bytes), indent=2))
     print("\n".join(lines))
     print(f"\nwrote {grid}, {out / 'report.md'}, {out / 'report.json'}")
     return 0

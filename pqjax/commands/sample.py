@@ -4,20 +4,24 @@ MODEL is a diffusers FLUX pipeline folder, or a pqjax checkpoint (its transforme
 ``--components FOLDER``, the pipeline folder that supplies tokenizers, text encoders, VAE and scheduler. All prompts
 are encoded first and the text encoders released before the transformer is loaded (peak memory = max(encoders,
 transformer)). Image ``i`` (over all prompts) starts from ``prepare_latents(seed, ..., first_index=i)``, so images do
-not depend on ``--batch-size``.
+not depend on ``--batch-size``. Each PNG carries its prompt, seed, steps, guidance, size, model and method as text
+metadata.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-import sys
 import time
 import warnings
 
-from pqjax.cli import CommandError
+from pqjax.commands import CommandError, options
+from pqjax.commands.common import (check_positive, check_size, is_pipeline_folder, load_model, must_exist,
+                                   read_prompts)
+
+log = logging.getLogger("pqjax.commands")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-DTYPES = ("bfloat16", "float32")  # not float16: T5 overflows in it
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,119 +29,66 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__.splitlines()[0])
     p.add_argument("model", metavar="MODEL", help="diffusers FLUX pipeline folder, or a pqjax checkpoint "
                    "(then --components is required)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="one prompt")
-    src.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line (blank lines skipped)")
-    src.add_argument("--embeddings", metavar="FILE", help="precomputed prompt embeddings (.safetensors written by "
-                     "--save-embeddings or PromptEmbeddings.save): the text encoders are not loaded")
+    options.add_text_inputs(p, required=True)
+    options.add_components(p, "diffusers FLUX pipeline folder providing tokenizers, text encoders, VAE and scheduler "
+                              "when MODEL is a pqjax checkpoint (or another transformer-only checkpoint "
+                              "pqjax.load_model reads)")
     p.add_argument("--out", required=True, metavar="PATH", help="image file (.png/.jpg/.webp) for a single image, "
                    "otherwise a folder that receives 0000.png, 0001.png, ...")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 28, or 4 for a model without "
-                   "guidance embedding, like FLUX.1-schnell)")
-    p.add_argument("--guidance", type=float, default=3.5, help="embedded guidance scale (FLUX.1-dev; default 3.5)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--height", type=int, default=1024, help="image height in pixels, a multiple of 16 (default 1024)")
-    p.add_argument("--width", type=int, default=1024, help="image width in pixels, a multiple of 16 (default 1024)")
-    p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens per prompt (<= 512, default 512)")
+    options.add_overwrite(p, "existing images")
+    options.add_sampling(p, size=1024, steps_help="denoising steps (default: 28, or 4 for a model without guidance "
+                                                  "embedding, like FLUX.1-schnell)")
     p.add_argument("--batch-size", type=int, default=1, help="images per denoising batch (default 1)")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16",
-                   help="dtype of the text encoders and the transformer (default bfloat16; the VAE runs in float32)")
-    p.add_argument("--components", metavar="FOLDER", help="diffusers FLUX pipeline folder providing tokenizers, "
-                   "text encoders, VAE and scheduler when MODEL is a pqjax checkpoint (or another transformer-only "
-                   "checkpoint pqjax.checkpoint.load_model reads)")
+    options.add_dtype(p, "bfloat16", "dtype of the text encoders and the transformer (default bfloat16; not "
+                                     "float16, in which T5 overflows; the VAE runs in float32)")
     p.add_argument("--save-embeddings", metavar="FILE", help="also write the prompt embeddings (.safetensors)")
     return p
 
 
-def read_prompts(path: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
-    except OSError as e:
-        raise CommandError(f"cannot read prompts file {path}: {e.strerror or e}") from None
-    if not prompts:
-        raise CommandError(f"prompts file {path} has no prompts (one per line)")
-    return prompts
-
-
-def _output_paths(out: str, n: int) -> list[str]:
+def _output_paths(out: str, n: int, overwrite: bool) -> list[str]:
     if out.lower().endswith(IMAGE_SUFFIXES):
         if n != 1:
             raise CommandError(f"--out {out} is a single image file but there are {n} prompts: give a folder")
-        return [out]
-    return [os.path.join(out, f"{i:04d}.png") for i in range(n)]
+        paths = [out]
+    else:
+        paths = [os.path.join(out, f"{i:04d}.png") for i in range(n)]
+    taken = [p for p in paths if os.path.exists(p)]
+    if taken and not overwrite:
+        raise CommandError(f"{taken[0]} already exists (use --overwrite to replace it)")
+    return paths
 
 
-class ProgressBar:
-    """``[#####-----] 14/28 steps  image 1-2/5  0.81 s/step`` on stderr, driven by the jitted loop's callback."""
+def _metadata(args, prompt: str | None, index: int, steps: int, method: str):
+    """PNG text chunks: what produced the image (``PIL.Image.open(f).text``)."""
+    from PIL.PngImagePlugin import PngInfo
 
-    def __init__(self, total_images: int, width: int = 30, stream=None):
-        self.total_images, self.width, self.stream = total_images, width, stream or sys.stderr
-        self.images = (0, 0)
-        self._t0 = self._last = None
-
-    def start_batch(self, first: int, count: int) -> None:
-        self.images = (first, first + count)
-        self._t0 = time.perf_counter()
-
-    def __call__(self, step: int, num_steps: int) -> None:
-        now = time.perf_counter()
-        rate = (now - self._t0) / max(step, 1) if self._t0 is not None else 0.0
-        done = int(self.width * step / max(num_steps, 1))
-        a, b = self.images
-        imgs = f"image {a + 1}" + (f"-{b}" if b - a > 1 else "") + f"/{self.total_images}"
-        end = "\n" if step == num_steps else ""
-        print(f"\r[{'#' * done}{'-' * (self.width - done)}] {step}/{num_steps} steps  {imgs}  {rate:.2f} s/step",
-              end=end, file=self.stream, flush=True)
-
-
-def _is_pipeline_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "model_index.json"))
-
-
-def _load_pqjax_checkpoint(path: str, dtype):
-    """(FluxConfig, params) from a pqjax checkpoint (float or quantized), through pqjax.checkpoint when present."""
-    try:
-        from pqjax import checkpoint
-    except ImportError:
-        raise CommandError(f"{path} is not a diffusers pipeline folder (no model_index.json), and this pqjax build "
-                           "cannot read pqjax checkpoints (pqjax.checkpoint is missing)") from None
-    from pqjax.models.flux import FluxConfig
-
-    load = getattr(checkpoint, "load_model", None) or checkpoint.load  # load_model also reads other layouts
-    ck = load(path, dtype=dtype)
-    config, params = getattr(ck, "config", None), getattr(ck, "params", None)
-    if config is None and isinstance(ck, (tuple, list)):
-        config = next((x for x in ck if isinstance(x, FluxConfig)), None)
-        params = next((x for x in ck if isinstance(x, dict)), None)
-    if not isinstance(config, FluxConfig) or params is None:
-        raise CommandError(f"{path}: the checkpoint did not yield a FLUX transformer (FluxConfig + params)")
-    return config, params
+    from pqjax.version import __version__
+    info = PngInfo()
+    for k, v in {"prompt": prompt or "", "seed": args.seed, "image_index": index, "steps": steps,
+                 "guidance": args.guidance, "size": f"{args.height}x{args.width}", "model": args.model,
+                 "method": method, "software": f"pqjax {__version__}"}.items():
+        info.add_text(k, str(v))
+    return info
 
 
 def run(args) -> int:
     import jax.numpy as jnp
 
     import converters
-    from pqjax.pipeline import (PromptEmbeddings, PromptTruncatedWarning, encode_prompts, latent_size,
-                                text_to_image, to_pil)
+    from pqjax import progress
+    from pqjax.pipeline import PromptEmbeddings, PromptTruncatedWarning, encode_prompts, text_to_image, to_pil
 
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-    if not os.path.exists(args.model):
-        raise CommandError(f"MODEL {args.model}: no such file or folder")
-    if args.batch_size < 1:
-        raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.steps is not None and args.steps < 1:
-        raise CommandError(f"--steps must be >= 1, got {args.steps}")
-    try:
-        latent_size(args.height, args.width)
-    except ValueError as e:
-        raise CommandError(str(e)) from None
-    dtype = getattr(jnp, args.dtype)
+    must_exist(args.model, "MODEL ")
+    check_positive(args.batch_size, "--batch-size")
+    if args.steps is not None:
+        check_positive(args.steps, "--steps")
+    if args.dtype == "float16":
+        raise CommandError("--dtype float16: T5 overflows in float16; use bfloat16 or float32")
+    dtype = jnp.dtype(args.dtype)
 
     # -- what to load (configs now, weights lazily) --------------------------------------------------
     checkpoint_path = None
-    if _is_pipeline_folder(args.model):
+    if is_pipeline_folder(args.model):
         folder = args.model
         if args.components:
             raise CommandError("--components is only for a pqjax checkpoint MODEL; MODEL is a pipeline folder")
@@ -150,13 +101,17 @@ def run(args) -> int:
     wanted = [c for c in converters.pipeline_components.COMPONENTS
               if not (checkpoint_path and c == "transformer") and not (args.embeddings and c in encoders)]
     if args.embeddings:
-        emb = PromptEmbeddings.load(args.embeddings)
+        try:
+            emb = PromptEmbeddings.load(args.embeddings)
+        except (OSError, ValueError) as e:
+            raise CommandError(str(e)) from None
         prompts = None
-        say(f"loaded {len(emb)} prompt embeddings from {args.embeddings}")
+        log.info("loaded %d prompt embeddings from %s", len(emb), args.embeddings)
     else:
         prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
-    paths = _output_paths(args.out, len(emb) if prompts is None else len(prompts))
     pipe = converters.load_flux_pipeline(folder, dtype, components=wanted)
+    check_size(args.height, args.width, vae_scale_factor=pipe.vae.config.scale_factor)
+    paths = _output_paths(args.out, len(emb) if prompts is None else len(prompts), args.overwrite)
 
     # -- prompts -> embeddings; the encoders are released before the transformer is read --------------
     if prompts is not None:
@@ -166,26 +121,34 @@ def run(args) -> int:
             emb = encode_prompts(pipe, prompts, max_sequence_length=args.max_sequence_length,
                                  batch_size=args.batch_size, release=True)
         for w in caught:
-            print(f"pqjax sample: warning: {w.message}", file=sys.stderr)
-        say(f"encoded {len(prompts)} prompt(s) in {time.perf_counter() - t0:.1f} s")
+            log.warning(str(w.message))
+        log.info("encoded %d prompt(s) in %.1f s", len(prompts), time.perf_counter() - t0)
         if args.save_embeddings:
             emb.save(args.save_embeddings)
-            say(f"wrote prompt embeddings to {args.save_embeddings}")
-    transformer = _load_pqjax_checkpoint(checkpoint_path, dtype) if checkpoint_path else None
+            log.info("wrote prompt embeddings to %s", args.save_embeddings)
+    texts = prompts if prompts is not None else (emb.prompts or [None] * len(emb))
+    transformer, method = None, "float"
+    if checkpoint_path:
+        ck = load_model(checkpoint_path, dtype=dtype)
+        transformer = (ck.config, ck.params)
+        if ck.quantized:
+            method = f"{ck.kind} {getattr(ck.quant_config, 'method', '')}".strip()
     config = transformer[0] if transformer is not None else pipe.transformer.config
     steps = args.steps or (28 if config.guidance_embeds else 4)
 
     # -- denoise + decode, batch by batch ------------------------------------------------------------------
-    bar = None if args.quiet else ProgressBar(len(emb))
     for start in range(0, len(emb), args.batch_size):
         batch = emb[start:start + args.batch_size]
-        if bar is not None:
-            bar.start_batch(start, len(batch))
-        images = text_to_image(pipe, embeddings=batch, transformer=transformer, num_inference_steps=steps,
-                               guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
-                               first_index=start, callback=bar)
-        for img, path in zip(to_pil(images), paths[start:start + len(batch)]):
+        a, b = start + 1, start + len(batch)
+        label = f"image {a}" + (f"-{b}" if b > a else "") + f"/{len(emb)}"
+        with progress.steps(label, enabled=not args.quiet, log=log):
+            images = text_to_image(pipe, embeddings=batch, transformer=transformer, num_inference_steps=steps,
+                                   guidance_scale=args.guidance, height=args.height, width=args.width,
+                                   seed=args.seed, first_index=start, progress=True)
+        for i, (img, path) in enumerate(zip(to_pil(images), paths[start:start + len(batch)])):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            img.save(path)
+            save = {"pnginfo": _metadata(args, texts[start + i], start + i, steps, method)} \
+                if path.lower().endswith(".png") else {}
+            img.save(path, **save)
             print(path)
     return 0

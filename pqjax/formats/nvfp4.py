@@ -32,6 +32,21 @@ Codes and scales are bit-identical to JAX's for finite input, with these documen
 Everything here is plain jnp with integer bit arithmetic for the e2m1 encode/decode (no float4
 dtypes, no bitcasts to sub-byte types), so a Pallas/Triton kernel can copy it.
 
+Four Over Six (``four_over_six=True``; Cook et al., "Four Over Six: More Accurate NVFP4 Quantization with
+Adaptive Block Scaling", arXiv 2512.02010, reference code github.com/mit-han-lab/fouroversix): every block
+gets two candidate scales, the usual one mapping the block amax to 6 and one mapping it to 4
+(``s4 = e4m3(clip(blockamax(|x'|) * 0.25, 0, 448))``; |values| near the amax then land on the finer
+steps 3, 4 instead of 4, 6), both are encoded, and the block keeps the candidate whose squared error
+``sum_block (e2m1(q) * s - x')^2`` (dequantized block vs the input, in the global-scaled domain x') is
+LOWER; a tie keeps 6.  The output is ordinary NVFP4 (codes + e4m3 scales + global).  Following the
+paper, the automatic global scale becomes ``amax / (6 * 256)`` instead of ``amax / (6 * 448)``: the
+largest 6-candidate scale is then 256 and the largest 4-candidate 384, so neither saturates e4m3
+(448).  A given ``global_scale`` is used as is (scales are still clipped to 448 before the cast).
+The selection is elementwise arithmetic plus one select per block, in a FIXED order a kernel can
+reproduce bit for bit: ``d = e2m1(q) * s - x'`` (exact product, one f32 subtraction), ``e = d * d``
+(one f32 multiplication, never fused into an FMA), then adjacent pairwise sums
+``e[2i] + e[2i+1]`` in four levels (16 -> 8 -> 4 -> 2 -> 1), then ``use4 = err4 < err6``.
+
 e2m1 code layout (4 bits): bit 3 sign, bits 2..1 exponent (bias 1), bit 0 mantissa::
 
     code & 7 : 0    1    2    3    4    5    6    7
@@ -47,15 +62,20 @@ import numpy as np
 from jax import lax
 
 __all__ = [
-    "E2M1_MAX", "E4M3_MAX", "NVFP4_BLOCK", "e2m1_encode", "e2m1_decode",
-    "div_by_scale", "nvfp4_global_scale", "nvfp4_block_quant", "nvfp4_block_dequant",
+    "E2M1_MAX", "E4M3_MAX", "NVFP4_BLOCK", "NVFP4_RANGE", "e2m1_encode", "e2m1_decode",
+    "div_by_scale", "nvfp4_global_scale", "nvfp4_block_quant", "nvfp4_block_dequant", "nvfp4_encode",
+    "E4M3_MAX_FOUR_OVER_SIX",
 ]
 
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 NVFP4_BLOCK = 16
+NVFP4_RANGE = E2M1_MAX * E4M3_MAX   # 2688: the global scale maps amax to it (global = amax / NVFP4_RANGE)
 _INV_6 = np.float32(1) / np.float32(E2M1_MAX)                 # = f32(1/6), what XLA folds "/ 6" into
-_INV_2688 = np.float32(1) / np.float32(E2M1_MAX * E4M3_MAX)   # = f32(1/2688)
+_INV_2688 = np.float32(1) / np.float32(NVFP4_RANGE)           # = f32(1/2688)
+E4M3_MAX_FOUR_OVER_SIX = 256.0                                 # 4/6's largest 6-candidate scale (paper)
+_INV_1536 = np.float32(1) / np.float32(E2M1_MAX * E4M3_MAX_FOUR_OVER_SIX)  # = f32(1/1536)
+_INV_4 = np.float32(0.25)                                      # maps the block amax to 4 (exact)
 
 # RNE decision points on |x| for e2m1: (threshold, tie goes up?).  A tie rounds to the even code.
 _E2M1_STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True),
@@ -104,41 +124,75 @@ def e2m1_decode(codes):
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-@jax.jit
-def nvfp4_global_scale(x):
+@functools.partial(jax.jit, static_argnames="four_over_six")
+def nvfp4_global_scale(x, four_over_six=False):
     """fp32 scalar ``amax(|x|) * f32(1 / 2688)`` over the finite entries of ``x``; 1.0 if that is 0.
 
-    (``amax / 2688`` as XLA compiles it: within one f32 ulp of the true quotient.)
+    (``amax / 2688`` as XLA compiles it: within one f32 ulp of the true quotient.)  With
+    ``four_over_six`` it is ``amax * f32(1 / 1536)`` (6 * 256, see the module doc).
     """
     a = jnp.abs(jnp.asarray(x).astype(jnp.float32))
     amax = jnp.max(jnp.where(jnp.isfinite(a), a, 0.0), initial=0.0)
-    g = amax * _INV_2688
+    g = amax * (_INV_1536 if four_over_six else _INV_2688)
     return jnp.where(g > 0, g, jnp.float32(1.0)).astype(jnp.float32)
 
 
 @jax.jit
-def nvfp4_block_quant(x, global_scale=None):
+def nvfp4_encode(xs, scale):
+    """e2m1 codes of global-scaled values ``xs`` under f32 block scales ``scale`` (broadcast against ``xs``).
+
+    The elementwise half of :func:`nvfp4_block_quant`: ``e2m1(clip(xs * (1 / scale), -6, 6))``, codes 0
+    where the scale is 0 (GPTQ reuses it column by column under a block scale fixed earlier).
+    """
+    sf = jnp.asarray(scale, jnp.float32)
+    q = jnp.clip(div_by_scale(xs, sf), -E2M1_MAX, E2M1_MAX)
+    return jnp.where(sf == 0, jnp.uint8(0), e2m1_encode(q))
+
+
+def _block_scale(bamax, inv_max, finite):
+    """e4m3 block scale ``bamax * inv_max`` (clipped to 448 BEFORE the cast); NaN for non-finite blocks."""
+    s = jnp.clip(bamax * inv_max, 0.0, jnp.float32(E4M3_MAX))
+    s = lax.optimization_barrier(s.astype(jnp.float8_e4m3fn))
+    return jnp.where(finite, s, jnp.array(jnp.nan, jnp.float8_e4m3fn))
+
+
+def _block_squared_error(xs, codes, sf):
+    """``sum_block (e2m1(codes) * sf - xs)^2`` in the fixed order of the module doc (adjacent pairwise sums)."""
+    d = e2m1_decode(codes) * sf - xs
+    e = lax.optimization_barrier(d * d)  # no FMA contraction into the first sum
+    while e.shape[-1] > 1:
+        e = e[..., 0::2] + e[..., 1::2]
+    return e
+
+
+@functools.partial(jax.jit, static_argnames="four_over_six")
+def nvfp4_block_quant(x, global_scale=None, four_over_six=False):
     """Quantize along the LAST axis in blocks of 16.
 
     Returns ``(codes, scales)``: uint8 e2m1 codes ``[..., K]`` (unpacked, one per byte) and
-    float8_e4m3fn scales ``[..., K // 16]``.  ``global_scale`` (fp32 scalar) defaults to
-    :func:`nvfp4_global_scale` of ``x``.
+    float8_e4m3fn scales ``[..., K // 16]``.  ``global_scale`` (fp32, a scalar or anything that
+    broadcasts against ``[..., K // 16, 1]``) defaults to :func:`nvfp4_global_scale` of ``x``.
+    ``four_over_six``: per block the lower-error of the scales mapping the amax to 6 or to 4 (module doc).
     """
     x = jnp.asarray(x)
     k = x.shape[-1]
     if k % NVFP4_BLOCK:
         raise ValueError(f"nvfp4_block_quant: last axis of shape {tuple(x.shape)} is not a multiple of 16")
-    g = nvfp4_global_scale(x) if global_scale is None else jnp.asarray(global_scale, jnp.float32)
+    g = nvfp4_global_scale(x, four_over_six) if global_scale is None else jnp.asarray(global_scale, jnp.float32)
     xb = x.reshape(*x.shape[:-1], k // NVFP4_BLOCK, NVFP4_BLOCK)
     xs = div_by_scale(xb.astype(jnp.float32), g)
     bamax = jnp.max(jnp.abs(xs), axis=-1, keepdims=True)
-    s = jnp.clip(bamax * _INV_6, 0.0, jnp.float32(E4M3_MAX))
-    s = lax.optimization_barrier(s.astype(jnp.float8_e4m3fn))
     finite = jnp.all(jnp.isfinite(xb), axis=-1, keepdims=True)
-    s = jnp.where(finite, s, jnp.array(jnp.nan, jnp.float8_e4m3fn))
+    s = _block_scale(bamax, _INV_6, finite)
     sf = s.astype(jnp.float32)
-    q = jnp.clip(div_by_scale(xs, sf), -E2M1_MAX, E2M1_MAX)
-    codes = jnp.where(sf == 0, jnp.uint8(0), e2m1_encode(q))
+    codes = nvfp4_encode(xs, sf)
+    if four_over_six:
+        s4 = _block_scale(bamax, _INV_4, finite)
+        sf4 = s4.astype(jnp.float32)
+        codes4 = nvfp4_encode(xs, sf4)
+        use4 = _block_squared_error(xs, codes4, sf4) < _block_squared_error(xs, codes, sf)
+        codes = jnp.where(use4, codes4, codes)
+        s = jnp.where(use4, s4, s)
     return codes.reshape(x.shape), s[..., 0]
 
 

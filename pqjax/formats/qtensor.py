@@ -10,15 +10,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .intq import INT_GROUP_SIZES, INT_SCALE_DTYPES, int_group_dequant, int_group_quant
+from .intq import INT_GROUP_SIZES, INT_SCALE_DTYPES, int_clip_search, int_group_dequant, int_group_quant
 from .nvfp4 import NVFP4_BLOCK, nvfp4_block_dequant, nvfp4_block_quant, nvfp4_global_scale
 from .packing import pack_3bit, pack_4bit, unpack_3bit, unpack_4bit
 
-__all__ = ["FORMATS", "FORMAT_BITS", "QTensor", "quantize", "fake_quant", "nbytes"]
+__all__ = ["FORMATS", "FORMAT_BITS", "DEFAULT_INT_GROUP", "resolve_group", "QTensor", "quantize", "fake_quant",
+           "nbytes"]
 
 FORMATS = ("nvfp4", "int4", "int3")
 FORMAT_BITS = {"nvfp4": 4, "int4": 4, "int3": 3}
 DEFAULT_INT_GROUP = 64
+
+
+def resolve_group(fmt: str, group_size: int | None = None) -> int:
+    """The block/group size along K of ``fmt``: 16 for nvfp4 (fixed), ``group_size`` (default 64) for INT formats.
+
+    The one place that decides it; ValueError for an unknown format or a size the format does not take."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    if fmt == "nvfp4":
+        if group_size not in (None, NVFP4_BLOCK):
+            raise ValueError(f"nvfp4 uses a fixed block size of {NVFP4_BLOCK}, got group_size={group_size}")
+        return NVFP4_BLOCK
+    group_size = DEFAULT_INT_GROUP if group_size is None else group_size
+    if group_size not in INT_GROUP_SIZES:
+        raise ValueError(f"{fmt} group_size must be one of {INT_GROUP_SIZES}, got {group_size}")
+    return int(group_size)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -129,9 +146,12 @@ def nbytes(tree) -> int:
 
 
 # ---- quantize ---------------------------------------------------------------------------------
-def _check_args(x, fmt, group_size, global_scale, axis, scale_dtype):
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown quantization format {fmt!r}; expected one of {FORMATS}")
+def _check_args(x, fmt, group_size, global_scale, axis, scale_dtype, four_over_six=False, clip_grid=None):
+    group_size = resolve_group(fmt, group_size)
+    if four_over_six and fmt != "nvfp4":
+        raise ValueError(f"four_over_six applies to nvfp4 only, not {fmt}")
+    if clip_grid is not None and fmt == "nvfp4":
+        raise ValueError("clip_grid (INT clip search) applies to int4 / int3 only, not nvfp4")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"quantize(fmt={fmt!r}) needs a floating-point input, got dtype {x.dtype}")
     if x.ndim == 0:
@@ -140,18 +160,12 @@ def _check_args(x, fmt, group_size, global_scale, axis, scale_dtype):
         raise ValueError(f"axis={axis} out of range for shape {tuple(x.shape)}")
     axis = axis % x.ndim
     if fmt == "nvfp4":
-        if group_size not in (None, NVFP4_BLOCK):
-            raise ValueError(f"nvfp4 uses a fixed block size of {NVFP4_BLOCK}, got group_size={group_size}")
-        group_size = NVFP4_BLOCK
         if scale_dtype is not None and jnp.dtype(scale_dtype) != jnp.dtype(jnp.float8_e4m3fn):
             raise ValueError(f"nvfp4 scales are float8_e4m3fn, got scale_dtype={scale_dtype}")
         scale_dtype = jnp.dtype(jnp.float8_e4m3fn)
         if global_scale is not None and jnp.ndim(global_scale) != 0:
             raise ValueError(f"nvfp4 global_scale must be a scalar, got shape {jnp.shape(global_scale)}")
     else:
-        group_size = DEFAULT_INT_GROUP if group_size is None else group_size
-        if group_size not in INT_GROUP_SIZES:
-            raise ValueError(f"{fmt} group_size must be one of {INT_GROUP_SIZES}, got {group_size}")
         if global_scale is not None:
             raise ValueError(f"global_scale applies to nvfp4 only, not {fmt}")
         scale_dtype = jnp.dtype(jnp.bfloat16 if scale_dtype is None else scale_dtype)
@@ -167,14 +181,17 @@ def _check_args(x, fmt, group_size, global_scale, axis, scale_dtype):
     return axis, group_size, scale_dtype
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "axis", "scale_dtype"))
-def _quantize(x, global_scale, *, fmt, group_size, axis, scale_dtype):
+@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "axis", "scale_dtype", "four_over_six", "clip_grid"))
+def _quantize(x, global_scale, *, fmt, group_size, axis, scale_dtype, four_over_six=False, clip_grid=None):
     xm = jnp.moveaxis(x, axis, -1)
     if fmt == "nvfp4":
-        g = nvfp4_global_scale(x) if global_scale is None else jnp.asarray(global_scale, jnp.float32)
-        codes, scales = nvfp4_block_quant(xm, g)
+        g = nvfp4_global_scale(x, four_over_six) if global_scale is None else jnp.asarray(global_scale, jnp.float32)
+        codes, scales = nvfp4_block_quant(xm, g, four_over_six)
         return pack_4bit(codes), scales, g
-    codes, scales = int_group_quant(xm, FORMAT_BITS[fmt], group_size, scale_dtype)
+    if clip_grid is None:
+        codes, scales = int_group_quant(xm, FORMAT_BITS[fmt], group_size, scale_dtype)
+    else:
+        codes, scales, _ = int_clip_search(xm, FORMAT_BITS[fmt], group_size, scale_dtype, clip_grid)
     packed = pack_3bit(codes) if fmt == "int3" else pack_4bit(codes)
     return packed, scales, None
 
@@ -191,24 +208,31 @@ def _dequantize(codes, scales, global_scale, *, fmt, nd, axis, dtype):
     return jnp.moveaxis(y, -1, nb + axis)
 
 
-def quantize(x, fmt, *, group_size=None, global_scale=None, axis=-1, scale_dtype=None) -> QTensor:
+def quantize(x, fmt, *, group_size=None, global_scale=None, axis=-1, scale_dtype=None, four_over_six=False,
+             clip_grid=None) -> QTensor:
     """Quantize ``x`` to ``fmt`` in blocks/groups along ``axis``; returns a packed :class:`QTensor`.
 
-    ``fmt``: "nvfp4" (group 16 fixed, e4m3 scales, fp32 ``global_scale`` = amax/(6*448) of the
+    ``fmt``: "nvfp4" (group 16 fixed, e4m3 scales, fp32 ``global_scale`` = amax / NVFP4_RANGE of the
     finite entries unless given), "int4" / "int3" (``group_size`` in (32, 64, 128), default 64;
     ``scale_dtype`` bfloat16 (default), float16 or float32; no global scale).
+    ``four_over_six`` (nvfp4): Four Over Six block scales (default global amax/(6*256)), see
+    :mod:`pqjax.formats.nvfp4`. ``clip_grid`` (int4/int3): per-group MSE clip search over these ratios,
+    see :func:`pqjax.formats.intq.int_clip_search`. Both still produce the standard packed format.
     Raises ValueError for an unknown format, a bad group size, or a reduction axis length not
     divisible by the group; TypeError for a non-floating input.
     """
     x = jnp.asarray(x)
-    axis, group_size, scale_dtype = _check_args(x, fmt, group_size, global_scale, axis, scale_dtype)
+    axis, group_size, scale_dtype = _check_args(x, fmt, group_size, global_scale, axis, scale_dtype,
+                                                four_over_six, clip_grid)
     codes, scales, g = _quantize(x, global_scale, fmt=fmt, group_size=group_size, axis=axis,
-                                 scale_dtype=scale_dtype.name)
+                                 scale_dtype=scale_dtype.name, four_over_six=bool(four_over_six),
+                                 clip_grid=None if clip_grid is None else tuple(float(r) for r in clip_grid))
     return QTensor(codes, scales, g, fmt=fmt, group_size=group_size, shape=tuple(x.shape), axis=axis,
                    dtype=jnp.dtype(x.dtype).name)
 
 
-def fake_quant(x, fmt, *, group_size=None, global_scale=None, axis=-1):
+def fake_quant(x, fmt, *, group_size=None, global_scale=None, axis=-1, four_over_six=False, clip_grid=None):
     """``quantize(x, ...).dequantize(x.dtype)``: quantize-dequantize in the input's dtype."""
     x = jnp.asarray(x)
-    return quantize(x, fmt, group_size=group_size, global_scale=global_scale, axis=axis).dequantize(x.dtype)
+    return quantize(x, fmt, group_size=group_size, global_scale=global_scale, axis=axis,
+                    four_over_six=four_over_six, clip_grid=clip_grid).dequantize(x.dtype)

@@ -83,12 +83,12 @@ def param_layout(config: CLIPTextConfig) -> Params:
     }
 
 
-def _layer(c: CLIPTextConfig, p: Params, x: jax.Array, causal_bias: jax.Array) -> jax.Array:
+def _layer(c: CLIPTextConfig, p: Params, x: jax.Array) -> jax.Array:
     h = affine_layer_norm(p["layer_norm1"], x, c.layer_norm_eps)
     a = p["self_attn"]
     heads = lambda t: t.reshape(*t.shape[:-1], c.num_attention_heads, c.head_dim)
     o = attention(heads(dense(a["q_proj"], h)), heads(dense(a["k_proj"], h)), heads(dense(a["v_proj"], h)),
-                            causal_bias)
+                  is_causal=True)
     x = x + dense(a["out_proj"], o.reshape(*o.shape[:2], -1))
     h = affine_layer_norm(p["layer_norm2"], x, c.layer_norm_eps)
     h = dense(p["mlp"]["fc2"], activation(c.hidden_act)(dense(p["mlp"]["fc1"], h)))
@@ -111,10 +111,8 @@ def forward(config: CLIPTextConfig, params: Params, input_ids: jax.Array) -> tup
         raise ValueError(f"clip.forward: sequence length {L} exceeds max_position_embeddings={c.max_position_embeddings}")
     emb = params["embeddings"]
     x = embed(emb["token_embedding"], ids) + emb["position_embedding"]["embedding"][:L][None]
-    causal = jnp.tril(jnp.ones((L, L), bool))
-    causal_bias = jnp.where(causal, 0.0, jnp.finfo(jnp.float32).min)[None, None]
     for i in range(c.num_hidden_layers):
-        x = _layer(c, params["encoder"]["layers"][str(i)], x, causal_bias)
+        x = _layer(c, params["encoder"]["layers"][str(i)], x)
     x = affine_layer_norm(params["final_layer_norm"], x, c.layer_norm_eps)
     if c.eos_token_id == 2:
         pos = jnp.argmax(ids, axis=-1)

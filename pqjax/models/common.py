@@ -1,8 +1,8 @@
-"""Pieces shared by the FLUX pipeline's other models (CLIP, T5, VAE): Hugging Face activation names, biased
-attention, affine LayerNorm, embedding lookup, random init from a shape layout.
+"""Pieces shared by the FLUX pipeline's other models (CLIP, T5, VAE): Hugging Face activation names, affine
+LayerNorm, embedding lookup, and shape layouts (``is_shape``, random init from a layout).
 
-The generic linear / norm helpers live in :mod:`pqjax.models.layers`; this adds what the encoders need beyond FLUX:
-an additive attention bias (CLIP's causal mask, T5's relative position bias) and a custom logit scale (T5 uses none).
+The generic linear / norm / attention helpers live in :mod:`pqjax.models.layers` (its ``attention`` takes CLIP's
+causal mask as ``is_causal``, T5's relative position bias as ``bias`` and T5's unscaled logits as ``scale=1.0``).
 """
 from __future__ import annotations
 

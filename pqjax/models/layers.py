@@ -1,12 +1,12 @@
 """Shared building blocks for the functional models: linear (float or quantized), norms, RoPE, embeddings.
 
 A linear's params are ``{"kernel": [in, out], "bias": [out]}``. After ``pqjax.quantize`` the kernel is a packed
-``pqjax.formats.QTensor``; the presence of ``"act_quant"`` (an :class:`ActQuant`) makes the layer W4A4, its absence
-with a quantized kernel makes it weight-only W4A16. Both run through ``pallas_kernels``' dispatcher.
+``pqjax.formats.QTensor``; the presence of ``"act_quant"`` (a :class:`pqjax.formats.ActQuant`) makes the layer
+W4A4, its absence with a quantized kernel makes it weight-only W4A16. Both run through ``pallas_kernels``' dispatcher.
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
 import math
 from typing import Callable, Optional, Sequence
 
@@ -14,26 +14,6 @@ import jax
 import jax.numpy as jnp
 
 Tap = Optional[Callable[[str, jax.Array], None]]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class ActQuant:
-    """Activation quantization of a W4A4 linear: the format comes from the weight's QTensor.
-
-    ``global_scale`` is NVFP4's static fp32 per-tensor activation scale (from calibration; ignored for INT, whose
-    scales are dynamic per token per group). ``hadamard`` rotates the activation by the block-diagonal Hadamard of the
-    group size inside the quantize step (PermuQuant-H / rotation baselines; the weight was rotated offline).
-    ``smooth`` (SmoothQuant) is a per-input-channel factor applied to the activation before it is quantized (the
-    weight rows carry the inverse); XLA fuses the multiply into the producer.
-    """
-
-    global_scale: jax.Array
-    smooth: Optional[jax.Array] = None
-    hadamard: bool = dataclasses.field(default=False, metadata=dict(static=True))
-
-    # The linears that read one activation (a site's consumers) share one ActQuant: ``pqjax.quantize`` builds it
-    # once per tapped input, and :func:`dense_site` quantizes that activation once with it.
 
 
 def is_quantized(kernel) -> bool:
@@ -71,8 +51,8 @@ def dense_site(ps: Sequence[dict], x: jax.Array, names: Sequence[str], tap: Tap 
     """The linears ``ps`` that all read one activation ``x`` (a site), in the site's channel order ``perm``.
 
     W4A4 consumers get ONE packed activation (``pallas_kernels.quantize_activation``: the gather by ``perm``,
-    smoothing, rotation and quantization fused in one pass, with the first W4A4 consumer's :class:`ActQuant`,
-    which ``pqjax.quantize`` shares between them) and run the packed x packed GEMM. Float and weight-only
+    smoothing, rotation and quantization fused in one pass, with the first W4A4 consumer's
+    :class:`pqjax.formats.ActQuant`, which ``pqjax.stages.pack`` shares between them) and run the packed x packed GEMM. Float and weight-only
     consumers, and calibration (``tap``), read ``x[..., perm]`` materialized once. Returns the outputs in order.
     """
     q = [p for p in ps if _is_w4a4(p)] if tap is None else []
@@ -146,15 +126,85 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None,
-              scale: float | None = None) -> jax.Array:
-    """``softmax(q k^T * scale + bias) v``, [B, S, H, D] in and out; ``bias`` broadcasts to [B, H, Sq, Sk] (T5's
-    relative positions, CLIP's causal mask); ``scale`` defaults to ``1/sqrt(D)``. Logits and softmax in fp32."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    if scale != 1.0:
-        logits = logits * scale
+#: fp32 logits one block of query rows may hold on the XLA path (16 MiB: cache-sized on CPU; FLUX at 1024^2 holds
+#: [24, 4608, 4608] = 2 GB without blocking).
+LOGITS_BLOCK_BYTES = 16 << 20
+
+_IMPLEMENTATIONS = (None, "xla", "cudnn")
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None, *,
+              scale: float | None = None, is_causal: bool = False,
+              implementation: str | None = None) -> jax.Array:
+    """``softmax(q k^T * scale + bias) v`` through ``jax.nn.dot_product_attention``, [B, S, H, D] in and out.
+
+    ``bias`` broadcasts to [B, H, Sq, Sk] (T5's relative positions); ``is_causal`` masks key j > query i (CLIP);
+    ``scale`` defaults to ``1/sqrt(D)``. Logits and softmax are fp32 on every path; the probabilities are rounded to
+    ``v.dtype`` for the PV product (fp32 accumulation), the output to ``q.dtype``.
+
+    ``implementation``: ``"cudnn"`` is cuDNN flash attention (no logits in memory; bf16/fp16, head dim a multiple of
+    8 up to 128, 256 on Hopper, a bias of q's dtype); ``"xla"`` is JAX's reference computation run over blocks of
+    query rows so that at most :data:`LOGITS_BLOCK_BYTES` of fp32 logits are live; ``None`` picks by the platform the
+    function is lowered for: cuDNN on CUDA where cuDNN serves these inputs, XLA everywhere else (CPU, fp32, the VAE's
+    512-wide head). jax's own ``implementation=None`` always means XLA, hence the choice here.
+    """
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(f"attention: implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or (q.shape[0], q.shape[2:]) != (k.shape[0], k.shape[2:]):
+        raise ValueError(f"attention: q [B, Sq, H, D] and k, v [B, Sk, H, D] must share B, H, D; got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if bias is not None and (bias.ndim > 4 or any(
+            b not in (1, n) for b, n in zip(bias.shape[::-1], (k.shape[1], q.shape[1], q.shape[2], q.shape[0])))):
+        raise ValueError(f"attention: bias {tuple(bias.shape)} does not broadcast to [B, H, Sq, Sk] = "
+                         f"{[q.shape[0], q.shape[2], q.shape[1], k.shape[1]]}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    cudnn = functools.partial(_cudnn_attention, scale=scale, is_causal=is_causal)
+    xla = functools.partial(_xla_attention, scale=scale, is_causal=is_causal)
+    if implementation == "cudnn":
+        return cudnn(q, k, v, bias)
+    if implementation == "xla" or not _cudnn_serves(cudnn, q, k, v, bias):
+        return xla(q, k, v, bias)
+    # the branch is chosen when lowering: cuDNN for CUDA, XLA for any other platform
+    return jax.lax.platform_dependent(q, k, v, bias, cuda=cudnn, default=xla)
+
+
+def _cudnn_attention(q, k, v, bias, *, scale: float, is_causal: bool) -> jax.Array:
+    return jax.nn.dot_product_attention(q, k, v, bias, scale=scale, is_causal=is_causal, implementation="cudnn")
+
+
+def _cudnn_serves(cudnn: Callable, q, k, v, bias) -> bool:
+    """Whether jax's cuDNN attention accepts these inputs (it checks the cuDNN install, dtypes and head dim when it
+    traces). A bias must already have q's dtype: cuDNN takes it in q's dtype, and rounding fp32 to bf16 would change
+    the numerics."""
+    if bias is not None and bias.dtype != q.dtype:
+        return False
+    args = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v, bias)]
+    try:
+        jax.eval_shape(cudnn, *args)
+    except (RuntimeError, NotImplementedError, ValueError):  # no cuDNN in this jax install, or unsupported inputs
+        return False
+    return True
+
+
+def _xla_attention(q, k, v, bias, *, scale: float, is_causal: bool) -> jax.Array:
+    """jax's XLA attention over blocks of query rows: each row's softmax is independent of the others, so blocking
+    changes only the GEMM shapes (fp32 summation order) and how much of [B, H, Sq, Sk] is live at once."""
+    B, Sq, H, _ = q.shape
+    Sk = k.shape[1]
+    rows = LOGITS_BLOCK_BYTES // (B * H * Sk * 4)
+    if rows >= Sq:
+        return jax.nn.dot_product_attention(q, k, v, bias, scale=scale, is_causal=is_causal, implementation="xla")
+    rows = 1 << (max(rows, 1).bit_length() - 1)  # a power of two: even GEMM tiles
+
     if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
+        bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    per_row_bias = bias is not None and bias.shape[2] != 1
+
+    def one_row(i):  # rows are read in place (no transposed copy of q or of T5's [1, H, L, L] bias)
+        q_i = jax.lax.dynamic_index_in_dim(q, i, axis=1)
+        bias_i = jax.lax.dynamic_index_in_dim(bias, i, axis=2) if per_row_bias else bias
+        mask = (jnp.arange(Sk) <= i)[None, None, None, :] if is_causal else None
+        return jax.nn.dot_product_attention(q_i, k, v, bias_i, mask, scale=scale, implementation="xla")[:, 0]
+
+    out = jax.lax.map(one_row, jnp.arange(Sq), batch_size=rows)
+    return jnp.swapaxes(out, 0, 1)

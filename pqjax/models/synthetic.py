@@ -2,7 +2,7 @@
 
 No real FLUX weights can be downloaded here, and a model with i.i.d. Gaussian weights has flat channel statistics:
 every channel order is as good as any other, so it cannot show what channel reordering does. Published analyses of
-FLUX/SD3 activations (PAPER.md, "What real DiT activations look like") report:
+FLUX/SD3 activations (summarized in the PermuQuant paper, arXiv 2605.09503) report:
 
 1. a few residual-stream channels carry *massive activations*, far larger than the rest, on all image tokens;
 2. milder per-channel outliers everywhere (log-normal-like channel scales);

@@ -113,7 +113,7 @@ def _block(c: T5EncoderConfig, p: Params, x: jax.Array, position_bias: jax.Array
     a = sa["SelfAttention"]
     heads = lambda t: t.reshape(*t.shape[:-1], c.num_heads, c.d_kv)
     o = attention(heads(dense(a["q"], h)), heads(dense(a["k"], h)), heads(dense(a["v"], h)),
-                            position_bias, scale=1.0)
+                  position_bias, scale=1.0)
     x = x + dense(a["o"], o.reshape(*o.shape[:2], -1))
 
     ffl = p["layer"]["1"]

@@ -7,6 +7,9 @@ text tokens have id ``(0, 0, 0)``.
 """
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -18,6 +21,7 @@ __all__ = [
     "unpack_latents",
     "prepare_img_ids",
     "prepare_txt_ids",
+    "prepare_latents",
 ]
 
 VAE_SCALE_FACTOR = 8  # FLUX's AutoencoderKL: 2 ** (len(block_out_channels) - 1)
@@ -91,3 +95,21 @@ def prepare_img_ids(height: int, width: int, dtype=jnp.float32) -> jnp.ndarray:
 def prepare_txt_ids(num_txt_tokens: int, dtype=jnp.float32) -> jnp.ndarray:
     """Text position ids: zeros ``[num_txt_tokens, 3]`` (FluxPipeline's ``text_ids``)."""
     return jnp.zeros((int(num_txt_tokens), 3), dtype)
+
+
+def prepare_latents(seed: int, batch_size: int, height: int, width: int, *, num_channels_latents: int = 16,
+                    dtype=jnp.float32, first_index: int = 0, vae_scale_factor: int = VAE_SCALE_FACTOR) -> jax.Array:
+    """pqjax's seed-derived initial noise, packed ``[B, (h/2)*(w/2), 4*C]`` (what FluxPipeline's ``latents=`` takes).
+
+    Image ``first_index + i`` gets ``normal(fold_in(key(seed), first_index + i), (C, h, w))`` in float32 (``h, w``:
+    the latent size of a ``height x width`` image), packed in 2x2 patches and cast to ``dtype``.
+    """
+    h, w = latent_size(height, width, vae_scale_factor)
+    key = jax.random.key(int(seed))
+    return _noise(key, int(first_index), int(batch_size), (int(num_channels_latents), h, w)).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _noise(key, first_index, batch_size, shape):
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first_index + jnp.arange(batch_size))
+    return pack_latents(jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys))

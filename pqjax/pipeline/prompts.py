@@ -1,8 +1,9 @@
 """Prompts -> token ids (the pipeline folder's own tokenizers) and prompt embeddings that can be saved and reloaded.
 
-Tokenization is not reimplemented: :class:`Tokenizer` wraps the folder's tokenizer through ``transformers`` (exactly
-what diffusers' FluxPipeline runs) or, when transformers is not installed, through the ``tokenizers`` library from
-the folder's ``tokenizer.json`` (same Rust tokenizer, same truncation and padding).
+Tokenization is not reimplemented: :class:`Tokenizer` reads the folder's ``tokenizer.json`` with the ``tokenizers``
+library (the Rust tokenizer transformers' fast tokenizers wrap: the same ids, truncation and padding as diffusers'
+FluxPipeline) and falls back to ``transformers`` only for folders without one (e.g. a CLIP ``vocab.json`` +
+``merges.txt``). So prompt commands do not import transformers (nor its warning about a missing PyTorch).
 
 Like FluxPipeline, prompts are padded to a fixed length (CLIP: the tokenizer's ``model_max_length``, 77; T5:
 ``max_sequence_length``, 512 by default) and longer prompts are truncated with a :class:`PromptTruncatedWarning`
@@ -20,9 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Tokenizer", "PromptTruncatedWarning", "PromptEmbeddings", "as_prompt_list"]
+from pqjax.io.safetensors import SafetensorsFile, save_file
+
+__all__ = ["Tokenizer", "PromptTruncatedWarning", "PromptEmbeddings", "as_prompt_list", "check_text_inputs"]
 
 EMBEDDINGS_FORMAT = "pqjax.prompt_embeddings"
+#: tensor names of an embeddings file: PromptEmbeddings' own, or the transformer's argument names
+EMBEDDING_NAMES = (("prompt_embeds", "pooled_prompt_embeds"), ("encoder_hidden_states", "pooled_projections"))
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -56,13 +61,15 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, folder, class_name: str | None = None, backend: str = "auto") -> "Tokenizer":
-        """Load with transformers (``class_name`` from model_index.json, else ``AutoTokenizer``) or, with
-        ``backend="tokenizers"`` or when transformers is missing, from ``tokenizer.json`` via ``tokenizers``."""
+        """Load ``tokenizer.json`` with ``tokenizers`` (``backend="auto"`` when the file exists, or
+        ``"tokenizers"``), else with transformers (``class_name`` from model_index.json, else ``AutoTokenizer``)."""
         folder = os.fspath(folder)
         if not os.path.isdir(folder):
             raise ValueError(f"{folder}: no such tokenizer folder")
         if backend not in ("auto", "transformers", "tokenizers"):
             raise ValueError(f"backend must be 'auto', 'transformers' or 'tokenizers', got {backend!r}")
+        if backend == "auto" and os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            backend = "tokenizers"
         if backend != "tokenizers":
             try:
                 import transformers
@@ -183,27 +190,47 @@ class PromptEmbeddings:
         return PromptEmbeddings(jnp.asarray(self.prompt_embeds, dtype), jnp.asarray(self.pooled_prompt_embeds, dtype),
                                 self.prompts)
 
+    def check(self, config, origin: str = "") -> "PromptEmbeddings":
+        """Raise ValueError unless these embeddings fit the transformer ``config`` (:func:`check_text_inputs`)."""
+        check_text_inputs(config, self.prompt_embeds, self.pooled_prompt_embeds, origin=origin)
+        return self
+
     def save(self, path) -> None:
         """Write a ``.safetensors`` file: tensors ``prompt_embeds``, ``pooled_prompt_embeds`` (their dtype, bf16
         included) and the prompts as JSON in the metadata."""
-        from safetensors.numpy import save_file
-
         meta = {"format": EMBEDDINGS_FORMAT, "version": "1"}
         if self.prompts is not None:
             meta["prompts"] = json.dumps(self.prompts)
-        save_file({"prompt_embeds": np.asarray(self.prompt_embeds),
-                   "pooled_prompt_embeds": np.asarray(self.pooled_prompt_embeds)}, os.fspath(path), metadata=meta)
+        save_file(path, {"prompt_embeds": np.asarray(self.prompt_embeds),
+                         "pooled_prompt_embeds": np.asarray(self.pooled_prompt_embeds)}, meta)
 
     @classmethod
     def load(cls, path, dtype=None) -> "PromptEmbeddings":
-        """Read a file written by :meth:`save` (optionally converting to ``dtype``)."""
-        from converters.safetensors_io import SafetensorsFile
-
+        """Read a file written by :meth:`save`, or any safetensors file holding ``encoder_hidden_states [B, T, J]``
+        + ``pooled_projections [B, P]`` (the transformer's argument names); optionally converting to ``dtype``."""
         f = SafetensorsFile(os.fspath(path))
-        if f.metadata.get("format") != EMBEDDINGS_FORMAT or not {"prompt_embeds", "pooled_prompt_embeds"} <= set(f.keys()):
-            raise ValueError(f"{path}: not a pqjax prompt-embeddings file (expected tensors 'prompt_embeds' and "
-                             f"'pooled_prompt_embeds' and metadata format={EMBEDDINGS_FORMAT!r}; found "
-                             f"{sorted(f.keys())}, metadata {f.metadata})")
+        names = next((n for n in EMBEDDING_NAMES if set(n) <= set(f.keys())), None)
+        fmt = f.metadata.get("format")
+        if names is None or (fmt not in (None, "pt", "np", EMBEDDINGS_FORMAT)):
+            raise ValueError(f"{path}: not a pqjax prompt-embeddings file (expected tensors "
+                             f"{' + '.join(EMBEDDING_NAMES[0])} or {' + '.join(EMBEDDING_NAMES[1])}; found "
+                             f"{sorted(f.keys())[:6]}, metadata format {fmt!r})")
         prompts = json.loads(f.metadata["prompts"]) if "prompts" in f.metadata else None
-        return cls(jnp.asarray(f.read("prompt_embeds", dtype)), jnp.asarray(f.read("pooled_prompt_embeds", dtype)),
-                   prompts)
+        return cls(jnp.asarray(f.read(names[0], dtype)), jnp.asarray(f.read(names[1], dtype)), prompts)
+
+
+def check_text_inputs(config, encoder_hidden_states, pooled_projections, *, origin: str = "") -> int:
+    """The one check of text inputs against a FLUX transformer ``config``: ``encoder_hidden_states [B, N_txt,
+    joint_attention_dim]`` and ``pooled_projections [B, pooled_projection_dim]`` with the same B (returned).
+    ``origin`` (e.g. a file name) starts the ValueError's message."""
+    where = f"{origin}: " if origin else ""
+    enc, pool = tuple(np.shape(encoder_hidden_states)), tuple(np.shape(pooled_projections))
+    if len(enc) != 3 or enc[-1] != config.joint_attention_dim:
+        raise ValueError(f"{where}encoder_hidden_states must be [B, N_txt, {config.joint_attention_dim}] "
+                         f"(joint_attention_dim) for this model, got shape {enc}")
+    if len(pool) != 2 or pool[-1] != config.pooled_projection_dim:
+        raise ValueError(f"{where}pooled_projections must be [B, {config.pooled_projection_dim}] "
+                         f"(pooled_projection_dim) for this model, got shape {pool}")
+    if enc[0] != pool[0]:
+        raise ValueError(f"{where}batch sizes differ: encoder_hidden_states {enc[0]}, pooled_projections {pool[0]}")
+    return enc[0]

@@ -18,19 +18,41 @@ function, inside the same compiled loop.
 from __future__ import annotations
 
 import functools
-import sys
-from typing import Any, Callable
+import logging
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pqjax import progress as progress_mod
+
 from .latents import VAE_SCALE_FACTOR, latent_size, prepare_img_ids, prepare_txt_ids
+from .prompts import check_text_inputs
 from .scheduler import FlowMatchConfig, euler_step, flow_match_schedule
 
-__all__ = ["sample", "denoise"]
+__all__ = ["sample", "denoise", "Observer"]
+
+log = logging.getLogger(__name__)
 
 ForwardFn = Callable[..., jnp.ndarray]
+
+
+class Observer(Protocol):
+    """Sees the inputs of some linears at every denoising step, inside the jitted loop (calibration is one).
+
+    It is a static argument of the jit: hashable, compared by value (a frozen dataclass), holding no arrays.
+    ``taps``: module paths of the linears whose inputs it wants (``forward_fn`` must take ``tap=``, as
+    :func:`pqjax.models.flux.forward` does). ``init(shapes, num_steps)``: the initial state (a pytree) from the
+    tapped inputs' ``jax.ShapeDtypeStruct``; ``update(state, step, inputs)``: the state after step ``step``
+    (0-based, traced) given ``inputs`` = {tap: the activation that linear reads at this step}.
+    """
+
+    taps: tuple[str, ...]
+
+    def init(self, shapes: dict[str, jax.ShapeDtypeStruct], num_steps: int) -> Any: ...
+
+    def update(self, state: Any, step: jax.Array, inputs: dict[str, jax.Array]) -> Any: ...
 
 
 def _default_forward() -> ForwardFn:
@@ -38,54 +60,68 @@ def _default_forward() -> ForwardFn:
     return forward
 
 
-def _print_progress(step, num_steps):
-    step, num_steps = int(step), int(num_steps)
-    print(f"\rpqjax sample: step {step}/{num_steps}", end="\n" if step == num_steps else "",
-          file=sys.stderr, flush=True)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "forward_fn", "progress", "callback"))
+@functools.partial(jax.jit, static_argnames=("config", "forward_fn", "progress", "callback", "observer"))
 def _denoise(config, params, latents, encoder_hidden_states, pooled_projections, img_ids, txt_ids,
-             timesteps, sigmas, guidance, *, forward_fn, progress, callback):
+             timesteps, sigmas, guidance, *, forward_fn, progress, callback, observer):
     num_steps = timesteps.shape[0]
     batch = latents.shape[0]
     dtype = latents.dtype
-    reporters = ([_print_progress] if progress else []) + ([callback] if callback is not None else [])
+    taps = frozenset(observer.taps) if observer is not None else frozenset()
 
-    def report(step, anchor):
-        # `anchor` (one element of the new latents) orders the report after the step's compute.
-        del anchor
-        for fn in reporters:
-            fn(int(step), num_steps)
-
-    def body(i, x):
+    def velocity(x, i, tap=None):
         # FluxPipeline: timestep = t.expand(B).to(latents.dtype); transformer(timestep=timestep / 1000)
         timestep = jnp.broadcast_to(timesteps[i], (batch,)).astype(dtype) / 1000
-        v = forward_fn(config, params, hidden_states=x, encoder_hidden_states=encoder_hidden_states,
-                       pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids,
-                       txt_ids=txt_ids, guidance=guidance)
-        x_new = euler_step(x, v, sigmas[i], sigmas[i + 1]).astype(dtype)
-        if reporters:
-            jax.debug.callback(report, i + 1, x_new.reshape(-1)[0])
-        return x_new
+        kw = {} if tap is None else {"tap": tap}
+        return forward_fn(config, params, hidden_states=x, encoder_hidden_states=encoder_hidden_states,
+                          pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids,
+                          txt_ids=txt_ids, guidance=guidance, **kw)
 
-    return jax.lax.fori_loop(0, num_steps, body, latents)
+    def body(i, carry):
+        x, state = carry
+        if observer is None:
+            v = velocity(x, i)
+        else:
+            seen = {}
+            v = velocity(x, i, lambda name, a: seen.setdefault(name, a) if name in taps else None)
+            state = observer.update(state, i, seen)
+        x_new = euler_step(x, v, sigmas[i], sigmas[i + 1]).astype(dtype)
+        # the latents' first element orders each report after the step's compute
+        if progress:
+            jax.debug.callback(progress_mod.report_step, i + 1, num_steps, x_new.reshape(-1)[0])
+        if callback is not None:
+            jax.debug.callback(lambda step, n, _: callback(int(step), int(n)), i + 1, num_steps, x_new.reshape(-1)[0])
+        return x_new, state
+
+    state = None
+    if observer is not None:
+        shapes = {}
+        jax.eval_shape(lambda x: velocity(x, 0, lambda name, a: shapes.setdefault(
+            name, jax.ShapeDtypeStruct(a.shape, a.dtype)) if name in taps else None), latents)
+        missing = [t for t in observer.taps if t not in shapes]
+        if missing:
+            raise ValueError(f"the model never calls linears {missing} (observer taps)")
+        state = observer.init(shapes, num_steps)
+    x, state = jax.lax.fori_loop(0, num_steps, body, (latents, state))
+    return x if observer is None else (x, state)
 
 
 def denoise(config, params, latents, encoder_hidden_states, pooled_projections, img_ids, txt_ids,
             timesteps, sigmas, guidance=None, *, forward_fn: ForwardFn | None = None,
-            progress: bool = False, callback: Callable[[int, int], Any] | None = None) -> jnp.ndarray:
+            progress: bool = False, callback: Callable[[int, int], Any] | None = None,
+            observer: Observer | None = None):
     """The jitted loop on prepared arrays (no checks): what :func:`sample` calls.
 
     ``timesteps [n]`` / ``sigmas [n+1]`` float32 (from :func:`flow_match_schedule`), ``guidance``
     ``[B]`` float32 or None. Useful to ``.lower()`` the whole sampler (e.g. for another platform).
-    ``callback(step, num_steps)`` runs on the host after each step via ``jax.debug.callback``; it
-    is a static argument (hashed by identity), so pass the same function object to avoid retracing.
+    ``progress``: report each step to :func:`pqjax.progress.report_step` (open a :func:`pqjax.progress.steps`
+    context around the call to see it). ``callback(step, num_steps)`` runs on the host after each step via
+    ``jax.debug.callback``; it is a static argument (hashed by identity), so pass the same function object to avoid
+    retracing. ``observer``: returns ``(latents, observer state)`` instead of the latents (see :class:`Observer`).
     """
     forward_fn = _default_forward() if forward_fn is None else forward_fn
     return _denoise(config, params, latents, encoder_hidden_states, pooled_projections, img_ids, txt_ids,
                     timesteps, sigmas, guidance, forward_fn=forward_fn, progress=bool(progress),
-                    callback=callback)
+                    callback=callback, observer=observer)
 
 
 def _shape(x) -> tuple[int, ...]:
@@ -97,8 +133,9 @@ def sample(config, params, *, latents, encoder_hidden_states, pooled_projections
            scheduler_config: FlowMatchConfig = FlowMatchConfig(), forward_fn: ForwardFn | None = None,
            height: int | None = None, width: int | None = None, img_ids=None, txt_ids=None,
            sigmas=None, vae_scale_factor: int = VAE_SCALE_FACTOR, progress: bool = False,
-           callback: Callable[[int, int], Any] | None = None) -> jnp.ndarray:
-    """Denoise packed FLUX latents; returns the final packed latents ``[B, N_img, C*4]``.
+           callback: Callable[[int, int], Any] | None = None, observer: Observer | None = None):
+    """Denoise packed FLUX latents; returns the final packed latents ``[B, N_img, C*4]`` (with an ``observer``:
+    ``(latents, observer state)``).
 
     Args:
       config, params: a ``FluxConfig`` and its params pytree (float or quantized).
@@ -115,8 +152,10 @@ def sample(config, params, *, latents, encoder_hidden_states, pooled_projections
       img_ids: ``[N_img, 3]`` position ids (default: :func:`prepare_img_ids` from height/width).
       txt_ids: ``[N_txt, 3]`` (default zeros).
       sigmas: custom un-shifted sigmas (FluxPipeline's ``sigmas=``); default ``linspace(1, 1/n, n)``.
-      progress: print ``step i/n`` to stderr from inside the jitted loop (``jax.debug.callback``).
+      progress: a progress bar of the steps on a terminal (from inside the jitted loop) and a summary line
+        on the ``pqjax`` logger: step 1 with compilation, then steady-state s/step.
       callback: ``callback(step, num_steps)`` on the host after each step (static: reuse one object).
+      observer: sees tapped linear inputs at every step (:class:`Observer`; calibration uses it).
     """
     lat_shape = _shape(latents)
     if len(lat_shape) != 3:
@@ -132,18 +171,10 @@ def sample(config, params, *, latents, encoder_hidden_states, pooled_projections
     if not jnp.issubdtype(jnp.asarray(latents).dtype, jnp.floating):
         raise ValueError(f"latents must be floating point, got {jnp.asarray(latents).dtype}")
 
-    enc_shape = _shape(encoder_hidden_states)
-    if len(enc_shape) != 3 or enc_shape[-1] != config.joint_attention_dim:
-        raise ValueError(f"encoder_hidden_states must be [B, N_txt, joint_attention_dim="
-                         f"{config.joint_attention_dim}], got shape {enc_shape}")
-    pool_shape = _shape(pooled_projections)
-    if len(pool_shape) != 2 or pool_shape[-1] != config.pooled_projection_dim:
-        raise ValueError(f"pooled_projections must be [B, pooled_projection_dim={config.pooled_projection_dim}], "
-                         f"got shape {pool_shape}")
-    if enc_shape[0] != batch or pool_shape[0] != batch:
-        raise ValueError(f"batch sizes differ: latents {batch}, encoder_hidden_states {enc_shape[0]}, "
-                         f"pooled_projections {pool_shape[0]}")
-    n_txt = enc_shape[1]
+    n_text = check_text_inputs(config, encoder_hidden_states, pooled_projections)
+    if n_text != batch:
+        raise ValueError(f"batch sizes differ: latents {batch}, text embeddings {n_text}")
+    n_txt = _shape(encoder_hidden_states)[1]
 
     if (height is None) != (width is None):
         raise ValueError("give both height= and width= (image size in pixels), or neither")
@@ -175,6 +206,10 @@ def sample(config, params, *, latents, encoder_hidden_states, pooled_projections
     # FluxPipeline: guidance = torch.full([1], guidance_scale, float32).expand(B) if guidance_embeds else None
     guidance = jnp.full((batch,), guidance_scale, jnp.float32) if config.guidance_embeds else None
 
-    return denoise(config, params, jnp.asarray(latents), jnp.asarray(encoder_hidden_states),
-                   jnp.asarray(pooled_projections), img_ids, txt_ids, jnp.asarray(timesteps),
-                   jnp.asarray(sigmas), guidance, forward_fn=forward_fn, progress=progress, callback=callback)
+    args = (config, params, jnp.asarray(latents), jnp.asarray(encoder_hidden_states), jnp.asarray(pooled_projections),
+            img_ids, txt_ids, jnp.asarray(timesteps), jnp.asarray(sigmas), guidance)
+    kw = dict(forward_fn=forward_fn, progress=progress, callback=callback, observer=observer)
+    if not progress or progress_mod.active() is not None:  # no bar, or the caller's (e.g. pqjax sample's)
+        return denoise(*args, **kw)
+    with progress_mod.steps("sample", log=log):
+        return jax.block_until_ready(denoise(*args, **kw))

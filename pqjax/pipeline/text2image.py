@@ -14,7 +14,8 @@ params, so the peak is max(encoders, transformer) rather than their sum (compone
 :func:`converters.load_flux_pipeline`). Encode a prompt set once with :func:`encode_prompts` and
 :meth:`PromptEmbeddings.save` it to skip the encoders entirely later (calibration, benchmarks).
 
-Seeds: :func:`prepare_latents` defines pqjax's initial noise. Image ``i`` gets
+Seeds: :func:`pqjax.pipeline.prepare_latents` defines pqjax's initial noise (for sampling, calibration and
+evaluation alike). Image ``i`` gets
 ``jax.random.normal(fold_in(key(seed), i), (C, H/8, W/8))`` packed like FluxPipeline, so an image depends on the
 seed and its index only, not on the batch it is generated in.
 """
@@ -29,13 +30,12 @@ import numpy as np
 
 from pqjax.models import clip, t5, vae
 from pqjax.models.layers import is_quantized
-from .latents import VAE_SCALE_FACTOR, latent_size, pack_latents, unpack_latents
+from .latents import VAE_SCALE_FACTOR, latent_size, prepare_latents, unpack_latents
 from .prompts import PromptEmbeddings, as_prompt_list
 from .sampler import sample
 from .scheduler import FlowMatchConfig
 
-__all__ = ["encode_prompts", "prepare_latents", "decode_images", "text_to_image", "to_pil",
-           "MAX_SEQUENCE_LENGTH"]
+__all__ = ["encode_prompts", "decode_images", "text_to_image", "to_pil", "MAX_SEQUENCE_LENGTH"]
 
 #: FluxPipeline refuses longer T5 sequences.
 MAX_SEQUENCE_LENGTH = 512
@@ -101,20 +101,6 @@ def encode_prompts(pipe, prompts, *, max_sequence_length: int = MAX_SEQUENCE_LEN
     if release:
         pipe.text_encoder_2.release()
     return PromptEmbeddings(hidden, pooled, prompts)
-
-
-def prepare_latents(seed: int, batch_size: int, height: int, width: int, *, num_channels_latents: int = 16,
-                    dtype=jnp.float32, first_index: int = 0, vae_scale_factor: int = VAE_SCALE_FACTOR) -> jax.Array:
-    """pqjax's seed-derived initial noise, packed ``[B, (h/2)*(w/2), 4*C]`` (what FluxPipeline's ``latents=`` takes).
-
-    Image ``first_index + i`` gets ``normal(fold_in(key(seed), first_index + i), (C, h, w))`` in float32 (``h, w``:
-    the latent size of a ``height x width`` image), packed in 2x2 patches and cast to ``dtype``.
-    """
-    h, w = latent_size(height, width, vae_scale_factor)
-    key = jax.random.key(int(seed))
-    noise = jnp.stack([jax.random.normal(jax.random.fold_in(key, first_index + i), (num_channels_latents, h, w),
-                                         jnp.float32) for i in range(int(batch_size))])
-    return pack_latents(noise).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "height", "width"))

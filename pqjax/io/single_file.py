@@ -1,8 +1,8 @@
 """Quantized (or float) FLUX params <-> one ``.safetensors`` file, readable without pqjax.
 
-    from pqjax.export_safetensors import save_safetensors, load_safetensors
+    from pqjax.io import save_safetensors, load_safetensors
     save_safetensors("flux-nvfp4.safetensors", qparams, flux_config, report)
-    ckpt = load_safetensors("flux-nvfp4.safetensors")      # pqjax.checkpoint.Checkpoint; identical qparams
+    ckpt = load_safetensors("flux-nvfp4.safetensors")      # pqjax.io.Checkpoint; identical qparams
 
 Tensor names (``M`` = the diffusers module path, e.g. ``transformer_blocks.0.attn.to_q``)
 -----------------------------------------------------------------------------------------
@@ -16,7 +16,7 @@ Quantized linear (Flax kernel ``W[K, N]`` quantized along K; rows are output cha
 ``M.weight_scale``             F8_E4M3 ``[N, K/16]``     nvfp4 block scales; INT: BF16 (or F16/F32)
                                BF16 ``[N, K/group]``     ``[N, K/group]`` per-group scales
 ``M.weight_global_scale``      F32 ``[]``                nvfp4 only: ``W ~= e2m1(code) * scale * global``
-                                                          (the dequantization multiplier amax/(6*448), NOT its
+                                                          (the dequantization multiplier amax / 2688, NOT its
                                                           reciprocal as in some other tools)
 ``M.input_global_scale``       F32 ``[]``                W4A4 only: static activation scale (nvfp4; 1.0 and
                                                           unused for INT, whose activation scales are dynamic)
@@ -37,33 +37,30 @@ module its ``mode`` (w4a4 / w4a16), ``fmt``, ``group_size``, logical ``shape`` `
 ``hadamard`` (the activation is block-Hadamard-rotated inside the quantize step; the weight was rotated offline));
 ``pqjax_report`` (JSON of the per-site report, without the permutation lists). Float params exported this way
 have no ``quantization_config`` and form a diffusers-compatible single file.
+
+This is the ``pqjax`` layout of a single file; another tool's layout (e.g. ModelOpt's NVFP4 names) would be a
+sibling module with its own save/load pair, recognised by its metadata in :func:`pqjax.load_model`.
 """
 from __future__ import annotations
 
 import json
 import os
-import uuid
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
-from pqjax.checkpoint import Checkpoint, CheckpointError, report_from_dict, validate_params
 from pqjax.config import QuantConfig
-from pqjax.formats import QTensor
+from pqjax.formats import ActQuant, QTensor
+from pqjax.io.checkpoint import Checkpoint
+from pqjax.io.errors import CheckpointError
+from pqjax.io.safetensors import SafetensorsFile, save_file
+from pqjax.io.validate import report_and_config, validate_params
 from pqjax.models.flux import FluxConfig
-from pqjax.models.layers import ActQuant
+from pqjax.report import QuantReport
 
 __all__ = ["save_safetensors", "load_safetensors", "is_pqjax_safetensors", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
-_ST_DTYPES = {
-    "U8": np.dtype(np.uint8), "I8": np.dtype(np.int8), "I16": np.dtype(np.int16), "I32": np.dtype(np.int32),
-    "I64": np.dtype(np.int64), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32),
-    "F64": np.dtype(np.float64), "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "BOOL": np.dtype(np.bool_),
-}
-_NP_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
 _LINEAR_KEYS = {"kernel", "bias", "act_quant"}
 _RESERVED = {"weight", "weight_packed", "weight_scale", "weight_global_scale", "input_global_scale", "input_smooth"}
 
@@ -134,19 +131,16 @@ def _flatten(params) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     return tensors, layers
 
 
-def save_safetensors(path, params, config: FluxConfig, report=None, *, quant_config: QuantConfig | None = None
-                     ) -> str:
+def save_safetensors(path, params, config: FluxConfig, report=None, *, quant_config: QuantConfig | None = None,
+                     overwrite: bool = True) -> str:
     """Write float or quantized FLUX ``params`` to one safetensors file (names and metadata: module docstring).
 
     Atomic: written to ``PATH.partial-<random>`` and renamed. Returns the absolute path."""
-    from pqjax import __version__
-    from pqjax.checkpoint import _report_dict
+    from pqjax.version import __version__
 
     path = os.path.abspath(os.fspath(path))
     validate_params(config, params)
-    report_d = _report_dict(report)
-    if quant_config is None and report_d is not None and "config" in report_d:
-        quant_config = QuantConfig.from_dict(report_d["config"])
+    report_d, quant_config = report_and_config(report, quant_config)
     tensors, layers = _flatten(params)
     fmts = sorted({m["fmt"] for m in layers.values()})
     meta = {"format": "pt", "pqjax_version": __version__, "pqjax_format_version": str(FORMAT_VERSION),
@@ -165,65 +159,23 @@ def save_safetensors(path, params, config: FluxConfig, report=None, *, quant_con
     if report_d is not None:
         meta["pqjax_report"] = json.dumps({k: v for k, v in report_d.items() if k != "perms"})
 
-    header, offset, order = {}, 0, sorted(tensors)
-    for name in order:
-        a = tensors[name]
-        if a.dtype not in _NP_TO_ST:
-            raise CheckpointError(f"safetensors export: {name} has dtype {a.dtype}, which safetensors cannot store")
-        header[name] = {"dtype": _NP_TO_ST[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    header["__metadata__"] = meta
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.partial-{uuid.uuid4().hex[:12]}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
-            for name in order:
-                f.write(np.ascontiguousarray(tensors[name]).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    if os.path.exists(path) and not overwrite:
+        raise CheckpointError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
+    return save_file(path, tensors, meta, error=CheckpointError)
 
 
 # ---------------------------------------------------------------------------------------------- import
 
-def _header(path: str):
-    from converters.errors import ConversionError
-    from converters.safetensors_io import SafetensorsFile
-    try:
-        return SafetensorsFile(path)
-    except ConversionError as e:
-        raise CheckpointError(str(e)) from None
+def _open(path: str) -> SafetensorsFile:
+    return SafetensorsFile(path, error=CheckpointError)
 
 
 def is_pqjax_safetensors(path) -> bool:
     """Whether ``path`` is a safetensors file written by :func:`save_safetensors`."""
     try:
-        return "pqjax_format_version" in _header(os.fspath(path)).metadata
+        return "pqjax_format_version" in _open(os.fspath(path)).metadata
     except CheckpointError:
         return False
-
-
-def _read(f, name: str) -> np.ndarray:
-    info = f.info(name)
-    if info.dtype not in _ST_DTYPES:
-        raise CheckpointError(f"{f.path}: tensor {name!r} has unsupported dtype {info.dtype}")
-    dt = _ST_DTYPES[info.dtype]
-    if info.end == info.begin:
-        return np.zeros(info.shape, dt)
-    mm = np.memmap(f.path, dtype=np.uint8, mode="r", offset=info.begin, shape=(info.end - info.begin,))
-    out = np.array(mm.view(dt).reshape(info.shape), copy=True)
-    del mm
-    return out
 
 
 def _set(tree: dict, module: str, key: str, value) -> None:
@@ -245,7 +197,7 @@ def load_safetensors(path, *, dtype=None) -> Checkpoint:
     path = os.path.abspath(os.fspath(path))
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
-    f = _header(path)
+    f = _open(path)
     meta = f.metadata
     if "pqjax_format_version" not in meta:
         raise CheckpointError(f"{path}: not written by pqjax (no pqjax_format_version metadata); float FLUX "
@@ -276,15 +228,15 @@ def load_safetensors(path, *, dtype=None) -> Checkpoint:
             need = {"weight_packed", "weight_scale"} | ({"weight_global_scale"} if lm["fmt"] == "nvfp4" else set())
             if not need <= set(names):
                 raise CheckpointError(f"{path}: quantized linear {module} lacks {sorted(need - set(names))}")
-            g = _read(f, names["weight_global_scale"]) if "weight_global_scale" in names else None
-            q = QTensor(jnp.asarray(_read(f, names["weight_packed"])), jnp.asarray(_read(f, names["weight_scale"])),
+            g = f.read(names["weight_global_scale"]) if "weight_global_scale" in names else None
+            q = QTensor(jnp.asarray(f.read(names["weight_packed"])), jnp.asarray(f.read(names["weight_scale"])),
                         None if g is None else jnp.asarray(g), fmt=lm["fmt"], group_size=int(lm["group_size"]),
                         shape=tuple(lm["shape"]), axis=int(lm["axis"]), dtype=lm["dtype"])
             _set(params, module, "kernel", q)
             if "input_global_scale" in names:
-                sm = _read(f, names["input_smooth"]) if "input_smooth" in names else None
+                sm = f.read(names["input_smooth"]) if "input_smooth" in names else None
                 _set(params, module, "act_quant", ActQuant(
-                    global_scale=jnp.asarray(_read(f, names["input_global_scale"])),
+                    global_scale=jnp.asarray(f.read(names["input_global_scale"])),
                     smooth=None if sm is None else jnp.asarray(sm), hadamard=bool(lm.get("hadamard", False))))
             elif lm.get("mode") == "w4a4":
                 raise CheckpointError(f"{path}: W4A4 linear {module} lacks input_global_scale")
@@ -295,7 +247,7 @@ def load_safetensors(path, *, dtype=None) -> Checkpoint:
             if rest & {"weight_packed", "weight_scale", "input_global_scale"}:
                 raise CheckpointError(f"{path}: {module} has quantized tensors but no quantization_config entry")
         for suffix in sorted(rest):
-            a = _read(f, names[suffix])
+            a = f.read(names[suffix])
             if suffix == "weight":
                 if a.ndim == 2:
                     _set(params, module, "kernel", jnp.asarray(cast(a.T)))
@@ -309,10 +261,7 @@ def load_safetensors(path, *, dtype=None) -> Checkpoint:
     quant_config = None
     if qc is not None and qc.get("config") is not None:
         quant_config = QuantConfig.from_dict(qc["config"])
-    try:
-        report = report_from_dict(report_d)
-    except (TypeError, ValueError, KeyError):
-        report = report_d
+    report = QuantReport.parse(report_d)
     fmts = sorted({m["fmt"] for m in layers.values()})
     info = {"format": "pqjax-safetensors", "format_version": ver, "formats": fmts, "path": path,
             "versions": {"pqjax": meta.get("pqjax_version", "?")}}

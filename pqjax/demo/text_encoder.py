@@ -1,7 +1,6 @@
 """A small transformer text encoder for the shapes demo model (functional JAX: a config + a params pytree).
 
-    cfg = TextEncoderConfig()
-    params = init_params(cfg, jax.random.key(0))
+    cfg, params = load(folder)                         # config.json + model.safetensors (dotted keys)
     hidden, pooled = encode(params, ids, mask)        # [B, T, hidden_dim], [B, pooled_dim]
 
 Architecture: token embedding + learned absolute positions, ``num_layers`` pre-LN transformer layers (bidirectional
@@ -11,7 +10,8 @@ linear projection to ``pooled_dim`` (the FLUX ``pooled_projection_dim`` input).
 
 Padding never reaches a real token or the pooled output: adding padding, or changing the ids at masked positions,
 leaves ``pooled`` and the hidden states of the real tokens unchanged. ``encode`` reads every size from the params,
-except the number of heads (``num_heads=``, default 2), so the config is mostly needed to build them and save/load.
+except the number of heads (``num_heads=``, default 2). Initialization and saving belong to training
+(``examples/demo_training.py``).
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pqjax.io.safetensors import SafetensorsFile
 from pqjax.models.common import is_shape
 
 Params = dict[str, Any]
@@ -72,25 +74,6 @@ def param_layout(c: TextEncoderConfig) -> Params:
             "pooled_proj": _dense(D, c.pooled_dim)}
 
 
-def init_params(c: TextEncoderConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
-    """Normal(0, std) kernels and embeddings, zero biases, unit LayerNorm scales; ``fc2``/``out`` scaled down by
-    sqrt(2 * num_layers) (GPT-2 style)."""
-    layout = param_layout(c)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(layout, is_leaf=is_shape)
-    keys = jax.random.split(key, len(flat))
-    out = []
-    for (path, shape), k in zip(flat, keys):
-        names = [p.key for p in path]
-        if names[-1] == "scale":
-            out.append(jnp.ones(shape, dtype))
-        elif names[-1] == "bias":
-            out.append(jnp.zeros(shape, dtype))
-        else:
-            s = std / np.sqrt(2 * c.num_layers) if names[-2] in ("out", "fc2") else std
-            out.append((s * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
 def _layer_norm(p, x, eps=1e-5):
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
@@ -131,22 +114,11 @@ def encode(params: Params, ids, mask, *, num_heads: int = TextEncoderConfig.num_
 
 
 # ----------------------------------------------------------------------------------------------
-# Save / load: safetensors (dotted keys) + config.json
+# Load: safetensors (dotted keys) + config.json
 # ----------------------------------------------------------------------------------------------
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-
-
-def flatten(params: Params, prefix: str = "") -> dict[str, np.ndarray]:
-    out = {}
-    for k, v in params.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, name + "."))
-        else:
-            out[name] = np.ascontiguousarray(np.asarray(v, np.float32))
-    return out
 
 
 def unflatten(flat: dict[str, Any]) -> Params:
@@ -160,25 +132,13 @@ def unflatten(flat: dict[str, Any]) -> Params:
     return tree
 
 
-def save(folder, config: TextEncoderConfig, params: Params) -> None:
-    """Write ``folder/config.json`` and ``folder/model.safetensors`` (float32)."""
-    from safetensors.numpy import save_file
-
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, CONFIG), "w") as f:
-        json.dump({"_class_name": "ShapesTextEncoder", **config.to_dict()}, f, indent=2)
-    save_file(flatten(params), os.path.join(folder, WEIGHTS), metadata={"format": "np"})
-
-
 def load(folder, dtype=jnp.float32) -> tuple[TextEncoderConfig, Params]:
-    from safetensors.numpy import load_file
-
+    """``folder/config.json`` + ``folder/model.safetensors`` (dotted keys) -> ``(config, params)``."""
     folder = os.fspath(folder)
     with open(os.path.join(folder, CONFIG)) as f:
         config = TextEncoderConfig.from_dict(json.load(f))
-    flat = load_file(os.path.join(folder, WEIGHTS))
-    params = unflatten({k: jnp.asarray(v, dtype) for k, v in flat.items()})
+    weights = SafetensorsFile(os.path.join(folder, WEIGHTS))
+    params = unflatten({k: jnp.asarray(weights.read(k), dtype) for k in weights.keys()})
     want = jax.tree.map(lambda s: s, param_layout(config), is_leaf=is_shape)
     got = jax.tree.map(lambda a: tuple(a.shape), params)
     if jax.tree.structure(want, is_leaf=is_shape) != jax.tree.structure(got, is_leaf=is_shape) or \

@@ -1,7 +1,7 @@
 """ShapeEval: a GenEval-style check of a text-to-image model on the shapes grammar.
 
 Like GenEval, the score is object-focused: held-out prompts per *task*, each image read back by a detector (here the
-ShapeEval classifier, :mod:`pqjax.shapes.classifier`), and a task-specific rule saying whether the image shows what
+ShapeEval classifier, :mod:`pqjax.demo.classifier`), and a task-specific rule saying whether the image shows what
 the prompt asked for. Overall accuracy is the mean over tasks.
 
 =============  ======================================================  ==========================================
@@ -28,8 +28,8 @@ from collections import Counter
 
 import numpy as np
 
-from pqjax.shapes import classifier as C
-from pqjax.shapes.data import COLORS, PAIRS, POSITIONS, SHAPES, SIZES, Obj, Scene, caption
+from pqjax.demo import classifier as C
+from pqjax.demo.data import COLORS, PAIRS, POSITIONS, SHAPES, SIZES, Obj, Scene, caption
 
 TASKS = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
 HELDOUT_SEED = 20_260_509  # prompt seed of every reported ShapeEval number (training uses other seeds)
@@ -123,5 +123,5 @@ def score(classifier_params: dict, images, items: list[Prompt]) -> dict:
 
 def generator_score(classifier_params: dict, items: list[Prompt]) -> dict:
     """:func:`score` on the generator's own renders of the prompts: the classifier's ceiling (should be ~1.0)."""
-    from pqjax.shapes.data import render
+    from pqjax.demo.data import render
     return score(classifier_params, np.stack([render(it.scene) for it in items]), items)

@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 
-from pqjax.shapes.data import vocab_words
+from pqjax.demo.data import vocab_words
 
 PAD, UNK = 0, 1
 PAD_TOKEN, UNK_TOKEN = "<pad>", "<unk>"

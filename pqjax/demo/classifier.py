@@ -9,22 +9,20 @@ Pure functional: ``params`` is a nested dict of arrays and ``apply(params, image
 ``"count"`` [B, 2] and ``"shape"`` / ``"color"`` / ``"size"`` / ``"position"`` [B, 2, n_classes] (slot axis 1).
 Images are uint8 (or float in [0, 255]) ``[B, S, S, 3]`` with ``S`` = 32 or 64 (the ``size`` the model was built for).
 
-    params = train(seed=0, steps=2000, batch=64, size=32)
+    params = load("shapeeval.npz")          # the shipped one: pqjax.demo.assets.load_shapeeval()
     evaluate(params, images, scenes)        # {"count": 1.0, "shape": 0.99, ...}
     predict_attributes(params, images)      # [{"count": 1, "objects": [{...}]}, ...]
-    save(params, "shapeeval.npz"); params = load("shapeeval.npz")
+
+Training (``examples/train_shapeeval.py``; code in ``examples/demo_training.py``) is not part of the package.
 """
 from __future__ import annotations
 
-import functools
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from pqjax.shapes.data import COLORS, POSITIONS, SHAPES, SIZES, attributes, make_dataset
+from pqjax.demo.data import COLORS, POSITIONS, SHAPES, SIZES, attributes
 
 MAX_SLOTS = 2
 CLASSES = {"shape": tuple(SHAPES), "color": tuple(COLORS), "size": tuple(SIZES), "position": tuple(POSITIONS)}
@@ -85,29 +83,11 @@ def scenes_to_labels(scenes) -> dict:
 
 # --- model -------------------------------------------------------------------------------------------------------
 
-def _first_stride(size: int) -> int:
+def first_stride(size: int) -> int:
+    """The first convolution's stride for ``size`` x ``size`` images (32 or 64)."""
     if size not in (32, 64):
         raise ValueError(f"image size must be 32 or 64, got {size}")
     return size // 32
-
-
-def init(key, size: int = 32) -> dict:
-    """Fresh parameters for ``size`` x ``size`` images (He-normal weights, zero biases)."""
-    _first_stride(size)
-    keys = iter(jax.random.split(key, 16))
-    params, cin = {}, 3
-    for i, cout in enumerate(CHANNELS):
-        w = jax.random.normal(next(keys), (3, 3, cin, cout), jnp.float32) * np.sqrt(2.0 / (9 * cin))
-        params[f"conv{i}"] = {"w": w, "b": jnp.zeros((cout,), jnp.float32)}
-        cin = cout
-    flat = FEATURE_GRID * FEATURE_GRID * cin
-    params["hidden"] = {"w": jax.random.normal(next(keys), (flat, HIDDEN), jnp.float32) * np.sqrt(2.0 / flat),
-                        "b": jnp.zeros((HIDDEN,), jnp.float32)}
-    heads = {"count": len(COUNTS), **{k: MAX_SLOTS * len(v) for k, v in CLASSES.items()}}
-    for name, n_out in heads.items():
-        params[f"head_{name}"] = {"w": jax.random.normal(next(keys), (HIDDEN, n_out), jnp.float32) / np.sqrt(HIDDEN),
-                                  "b": jnp.zeros((n_out,), jnp.float32)}
-    return params
 
 
 def _conv(x, p, stride):
@@ -120,7 +100,7 @@ def apply(params: dict, images) -> dict:
     """Logits: ``"count"`` [B, 2]; ``"shape"``/``"color"``/``"size"``/``"position"`` [B, MAX_SLOTS, n_classes]."""
     x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
     size = x.shape[1]
-    strides = (_first_stride(size), 2, 2)
+    strides = (first_stride(size), 2, 2)
     for i, stride in enumerate(strides):
         x = _conv(x, params[f"conv{i}"], stride)
     x = x.reshape(x.shape[0], -1)
@@ -130,88 +110,6 @@ def apply(params: dict, images) -> dict:
         p = params[f"head_{k}"]
         out[k] = (h @ p["w"] + p["b"]).reshape(h.shape[0], MAX_SLOTS, len(v))
     return out
-
-
-def _xent(logits, labels):
-    """Mean cross entropy over entries with label >= 0."""
-    valid = labels >= 0
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
-
-
-def loss_fn(params: dict, images, labels: dict):
-    logits = apply(params, images)
-    return _xent(logits["count"], labels["count"]) + sum(_xent(logits[k], labels[k]) for k in SLOT_ATTRS)
-
-
-# --- training ----------------------------------------------------------------------------------------------------
-
-def make_optimizer(lr: float = 2e-3, steps: int = 1000, weight_decay: float = 1e-4):
-    warmup = max(1, min(50, steps // 10))
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * 0.05)
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=weight_decay))
-
-
-def augment(key, images):
-    """Random corruptions of uint8-valued ``[B, S, S, 3]`` images, so the classifier reads generated images (noisy,
-    slightly blurred, off-colour, off by a pixel) as it reads clean ones: a 1-pixel shift (probability 1/2), a
-    [1 2 1]^2 blur of random strength, a per-image colour offset (std 8) and gaussian noise (std up to 24), all in
-    0..255 units and clipped. Returns float32."""
-    x = jnp.asarray(images, jnp.float32)
-    b = x.shape[0]
-    k_shift, k_dir, k_blur, k_col, k_sig, k_noise = jax.random.split(key, 6)
-    shifted = jnp.stack([jnp.roll(x, s, axis=a) for a in (1, 2) for s in (-1, 1)])      # [4, B, S, S, 3]
-    pick = jax.random.randint(k_dir, (b,), 0, 4)
-    shifted = jnp.take_along_axis(shifted, pick[None, :, None, None, None], axis=0)[0]
-    x = jnp.where(jax.random.bernoulli(k_shift, 0.5, (b, 1, 1, 1)), shifted, x)
-    w = jnp.array([1.0, 2.0, 1.0]) / 4.0
-    kern = jnp.tile((w[:, None] * w[None, :])[:, :, None, None], (1, 1, 1, 3))         # HWIO, depthwise
-    blurred = jax.lax.conv_general_dilated(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge"), kern,
-                                           (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                           feature_group_count=3)
-    x = x + jax.random.uniform(k_blur, (b, 1, 1, 1)) * (blurred - x)
-    x = x + 8.0 * jax.random.normal(k_col, (b, 1, 1, 3))
-    x = x + jax.random.uniform(k_sig, (b, 1, 1, 1), maxval=24.0) * jax.random.normal(k_noise, x.shape)
-    return jnp.clip(x, 0.0, 255.0)
-
-
-def batch_data(seed: int, batch: int, size: int):
-    """One freshly generated training batch: (uint8 images, label dict)."""
-    images, _, scenes = make_dataset(batch, seed=seed, size=size)
-    return images, scenes_to_labels(scenes)
-
-
-def train(seed: int = 0, steps: int = 1000, batch: int = 64, size: int = 32, lr: float = 2e-3,
-          log_every: int = 0, data_seed_offset: int = 1_000_000, return_losses: bool = False,
-          augment_fraction: float = 0.0):
-    """Train on freshly generated scenes each step (``make_dataset`` seed ``data_seed_offset + seed * steps + step``,
-    disjoint from small evaluation seeds); the first ``augment_fraction`` of each batch goes through :func:`augment`.
-    Returns params (and the per-step losses if ``return_losses``)."""
-    params = init(jax.random.PRNGKey(seed), size)
-    opt = make_optimizer(lr, steps)
-    opt_state = opt.init(params)
-    n_aug = int(round(float(augment_fraction) * batch))
-    aug_key = jax.random.PRNGKey(seed + 7919)
-
-    @jax.jit
-    def step_fn(params, opt_state, images, labels, step):
-        if n_aug:
-            images = jnp.asarray(images, jnp.float32)
-            images = images.at[:n_aug].set(augment(jax.random.fold_in(aug_key, step), images[:n_aug]))
-        loss, grads = jax.value_and_grad(loss_fn)(params, images, labels)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    losses = []
-    for step in range(steps):
-        images, labels = batch_data(data_seed_offset + seed * steps + step, batch, size)
-        params, opt_state, loss = step_fn(params, opt_state, images, labels, step)
-        losses.append(loss)
-        if log_every and (step + 1) % log_every == 0:
-            print(f"step {step + 1}/{steps} loss {float(loss):.4f}", flush=True)
-    losses = [float(x) for x in losses]
-    return (params, losses) if return_losses else params
 
 
 # --- inference / evaluation --------------------------------------------------------------------------------------
@@ -252,16 +150,8 @@ def evaluate(params, images, scenes) -> dict:
 
 # --- persistence -------------------------------------------------------------------------------------------------
 
-def save(params: dict, path) -> None:
-    """Write ``params`` to an ``.npz`` (keys ``"<layer>/<name>"``)."""
-    flat = {f"{layer}/{name}": np.asarray(v) for layer, d in params.items() for name, v in d.items()}
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:  # file object: np.savez would otherwise append ".npz" to other suffixes
-        np.savez(f, **flat)
-
-
 def load(path) -> dict:
+    """Params from an ``.npz`` with keys ``"<layer>/<name>"``."""
     params: dict = {}
     with np.load(path) as z:
         for key in z.files:

@@ -1,4 +1,5 @@
-"""Pixel-space FLUX demo model: image<->latent mapping, text encoder, training, sampling, save/load."""
+"""Pixel-space FLUX demo model: image<->latent mapping, text encoder, training (examples/demo_training.py),
+sampling, save/load."""
 import dataclasses
 
 import jax
@@ -6,21 +7,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import demo_training as dt
+from pqjax.demo import Tokenizer, make_dataset
+from pqjax.demo import model as td
+from pqjax.demo import text_encoder as te
 from pqjax.models import flux
-from pqjax.models.common import is_shape
 from pqjax.pipeline import pack_latents, prepare_img_ids, prepare_txt_ids
-from pqjax.shapes import Tokenizer, make_dataset
-from pqjax.shapes import text_encoder as te
-from pqjax.shapes import train_dit as td
 
-CFG = td.DemoModelConfig(warmup_steps=5)
+TRAIN = dt.TrainConfig(warmup_steps=5)
+CFG = TRAIN.model
 STEPS, BATCH = 30, 8
 
 
 @pytest.fixture(scope="module")
 def trained():
     losses = []
-    state = td.train(seed=0, steps=STEPS, batch=BATCH, config=CFG, losses=losses, verbose=False)
+    state = dt.train(seed=0, steps=STEPS, batch=BATCH, config=TRAIN, losses=losses, verbose=False)
     return state, losses
 
 
@@ -56,9 +58,9 @@ def test_image_latent_exact_inverse_and_shapes():
 
 
 def test_forward_accepts_mapped_latents():
-    state = td.init(0, CFG)
+    state = dt.init(0, TRAIN)
     images, captions, _ = make_dataset(2, seed=1)
-    b = td.make_batch(images, captions, CFG.max_len)
+    b = dt.make_batch(images, captions, CFG.max_len)
     hidden, pooled = te.encode(state.params["text_encoder"], b["ids"], b["mask"], num_heads=CFG.text_heads)
     out = flux.forward(CFG.flux, state.params["transformer"], hidden_states=b["latents"],
                        encoder_hidden_states=hidden, pooled_projections=pooled, timestep=jnp.full((2,), 0.5),
@@ -69,7 +71,7 @@ def test_forward_accepts_mapped_latents():
 def test_text_encoder_shapes_and_mask():
     tcfg = te.TextEncoderConfig()
     assert tcfg.hidden_dim % 64 == 0 and tcfg.pooled_dim % 64 == 0
-    params = te.init_params(tcfg, jax.random.key(1))
+    params = dt.text_encoder_init(tcfg, jax.random.key(1))
     # perturb biases so that the test is not trivially passed by zero-initialised terms
     params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(a.size), a.shape), params)
     tok = Tokenizer()
@@ -95,8 +97,8 @@ def test_text_encoder_shapes_and_mask():
 
 def test_text_encoder_save_load(tmp_path):
     tcfg = te.TextEncoderConfig(num_layers=1)
-    params = te.init_params(tcfg, jax.random.key(2))
-    te.save(tmp_path / "te", tcfg, params)
+    params = dt.text_encoder_init(tcfg, jax.random.key(2))
+    dt.save_text_encoder(tmp_path / "te", tcfg, params)
     cfg2, params2 = te.load(tmp_path / "te")
     assert cfg2 == tcfg
     jax.tree.map(np.testing.assert_array_equal, params2, params)
@@ -108,16 +110,16 @@ def test_training_lowers_loss_and_is_reproducible(trained):
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < 0.8 * first, (first, last)
     again = []
-    td.train(seed=0, steps=STEPS, batch=BATCH, config=CFG, losses=again, verbose=False)
+    dt.train(seed=0, steps=STEPS, batch=BATCH, config=TRAIN, losses=again, verbose=False)
     np.testing.assert_array_equal(np.asarray(again), np.asarray(losses))
     other = []
-    td.train(seed=1, steps=3, batch=BATCH, config=CFG, losses=other, verbose=False)
+    dt.train(seed=1, steps=3, batch=BATCH, config=TRAIN, losses=other, verbose=False)
     assert other != losses[:3]
 
 
 def test_text_encoder_is_trained_jointly(trained):
     state, _ = trained
-    init = td.init(0, CFG)
+    init = dt.init(0, TRAIN)
     moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.params["text_encoder"],
                          init.params["text_encoder"])
     assert max(jax.tree.leaves(moved)) > 1e-4
@@ -125,22 +127,22 @@ def test_text_encoder_is_trained_jointly(trained):
 
 def test_save_load_round_trip(trained, tmp_path):
     state, _ = trained
-    td.save(state, tmp_path / "model")
+    dt.save(state, tmp_path / "model")
     assert (tmp_path / "model" / "transformer" / "config.json").exists()
     assert (tmp_path / "model" / "text_encoder" / "model.safetensors").exists()
     assert (tmp_path / "model" / "tokenizer" / "vocab.json").exists()
     loaded = td.load(tmp_path / "model")
-    assert loaded.config == state.config and int(loaded.step) == STEPS
+    assert loaded.config == state.config.model and int(loaded.step) == STEPS
     assert jax.tree.structure(loaded.params) == jax.tree.structure(state.params)
     jax.tree.map(np.testing.assert_array_equal, loaded.params, state.params)
     caps = ["a red circle at the top", "a small blue square at the bottom"]
-    a = td.generate(state, caps, seed=5, steps=4)
+    a = td.generate(state.model, caps, seed=5, steps=4)
     b = td.generate(loaded, caps, seed=5, steps=4)
     assert a.shape == (2, 32, 32, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, td.generate(state, caps, seed=6, steps=4))
+    assert not np.array_equal(a, td.generate(state.model, caps, seed=6, steps=4))
     with pytest.raises(FileExistsError):
-        td.save(state, tmp_path / "model")
+        dt.save(state, tmp_path / "model")
 
 
 def test_config_is_multiple_of_64():
